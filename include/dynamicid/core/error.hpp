@@ -20,13 +20,23 @@ namespace dynamicid {
 class error : public std::runtime_error {
 public:
     error(std::string_view component, const std::string& message)
-        : std::runtime_error("[" + std::string(component) + "] " + message),
-          component_(component) {}
+        : std::runtime_error(compose(component, message)), component_(component) {}
 
     /// The component named in brackets at the start of what().
     const std::string& component() const noexcept { return component_; }
 
 private:
+    // Appending piecewise (rather than chaining operator+) avoids a GCC 12 -Wrestrict false positive.
+    static std::string compose(std::string_view component, const std::string& message) {
+        std::string text;
+        text.reserve(component.size() + message.size() + 3);
+        text += '[';
+        text += component;
+        text += "] ";
+        text += message;
+        return text;
+    }
+
     std::string component_;
 };
 

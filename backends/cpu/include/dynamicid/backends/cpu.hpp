@@ -258,7 +258,7 @@ struct cpu_backend {
         std::vector<A> acc_a(reduce_a && da ? static_cast<std::size_t>(na) : 0), acc_b(reduce_b && db ? static_cast<std::size_t>(nb) : 0);
         auto body = [&](index_t begin, index_t end) {
             cpu::detail::walk2(begin, end, d.rank, d.shape, d.a_strides, d.b_strides, [&](index_t i, index_t oa, index_t ob) {
-                A pa, pb;
+                A pa = 0, pb = 0;
                 cpu::detail::binary_partials<A>(op, static_cast<A>(a[oa]), static_cast<A>(b[ob]), pa, pb);
                 const A g = static_cast<A>(dy[i]);
                 if (da) {
