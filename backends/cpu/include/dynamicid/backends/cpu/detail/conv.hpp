@@ -1,7 +1,7 @@
 // dynamicid cpu backend, internal: 2-D convolution as tiled im2col + GEMM.
 //
 // The column matrix of a whole SD VAE activation would take gigabytes, so the
-// output rows are processed in tiles whose column matrix stays near 8M values.
+// output rows are processed in tiles whose column matrix stays near 2M values.
 // 1x1 stride-1 unpadded convolutions skip im2col and multiply the input directly.
 #pragma once
 
@@ -10,6 +10,7 @@
 #include <dynamicid/core/dtype.hpp>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace dynamicid::cpu::detail {
@@ -21,7 +22,7 @@ inline bool is_pointwise(const conv2d_desc& d) {
 inline index_t tile_rows(const conv2d_desc& d) {
     const index_t k = (d.c_in / d.groups) * d.kh * d.kw;
     const index_t per_row = std::max<index_t>(1, k * d.out_w());
-    return std::clamp<index_t>((index_t{8} << 20) / per_row, 1, std::max<index_t>(1, d.out_h()));
+    return std::clamp<index_t>((index_t{2} << 20) / per_row, 1, std::max<index_t>(1, d.out_h()));
 }
 
 // col (K, rows*ow) for output rows [oy0, oy0+rows) of channel group starting at c0.
@@ -71,12 +72,25 @@ void col2im(int threads, const conv2d_desc& d, const S* col, index_t oy0, index_
     });
 }
 
+// Storage-type weights are widened once per call; f32/f64 weights are used in place.
 template <class S, class T>
-std::vector<S> widen(const T* p, index_t n) {
-    std::vector<S> out(static_cast<std::size_t>(n));
-    for (index_t i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = static_cast<S>(p[i]);
-    return out;
-}
+class widened {
+public:
+    widened(const T* p, index_t n) {
+        if constexpr (std::is_same_v<S, T>) {
+            data_ = p;
+        } else {
+            copy_.resize(static_cast<std::size_t>(n));
+            for (index_t i = 0; i < n; ++i) copy_[static_cast<std::size_t>(i)] = static_cast<S>(p[i]);
+            data_ = copy_.data();
+        }
+    }
+    const S* data() const noexcept { return data_; }
+
+private:
+    std::vector<S> copy_;
+    const S* data_ = nullptr;
+};
 
 // Compute type: double for double, float otherwise.
 template <class T>
@@ -87,7 +101,7 @@ void conv2d_forward(int threads, const conv2d_desc& d, const T* x, const T* w, c
     using S = conv_compute_t<T>;
     const index_t cg = d.c_in / d.groups, og = d.c_out / d.groups, k = cg * d.kh * d.kw;
     const index_t oh = d.out_h(), ow = d.out_w(), tile = tile_rows(d);
-    const std::vector<S> wide_w = widen<S>(w, d.c_out * k);
+    const widened<S, T> wide_w(w, d.c_out * k);
     std::vector<S> col(static_cast<std::size_t>(k * tile * ow)), out(static_cast<std::size_t>(og * tile * ow));
     const bool direct = is_pointwise(d) && std::is_same_v<S, T>;
     for (index_t n = 0; n < d.n; ++n)
@@ -103,13 +117,15 @@ void conv2d_forward(int threads, const conv2d_desc& d, const T* x, const T* w, c
                 }
                 gemm_desc gd{.m = og, .n = cols, .k = k, .lda = k, .ldb = direct ? oh * ow : cols, .ldc = cols};
                 gemm_native<S>(threads, gd, wide_w.data() + g * og * k, colp, out.data());
-                for (index_t o = 0; o < og; ++o) {
-                    const index_t oc = g * og + o;
-                    const S b = bias ? static_cast<S>(bias[oc]) : S(0);
-                    T* dst = y + ((n * d.c_out + oc) * oh + oy0) * ow;
-                    const S* src = out.data() + o * cols;
-                    for (index_t i = 0; i < cols; ++i) dst[i] = T(src[i] + b);
-                }
+                parallel_for(threads, og, 1, [&](index_t o0, index_t o1) {
+                    for (index_t o = o0; o < o1; ++o) {
+                        const index_t oc = g * og + o;
+                        const S b = bias ? static_cast<S>(bias[oc]) : S(0);
+                        T* dst = y + ((n * d.c_out + oc) * oh + oy0) * ow;
+                        const S* src = out.data() + o * cols;
+                        for (index_t i = 0; i < cols; ++i) dst[i] = T(src[i] + b);
+                    }
+                });
             }
 }
 
@@ -118,7 +134,7 @@ void conv2d_backward_data(int threads, const conv2d_desc& d, const T* w, const T
     using S = conv_compute_t<T>;
     const index_t cg = d.c_in / d.groups, og = d.c_out / d.groups, k = cg * d.kh * d.kw;
     const index_t oh = d.out_h(), ow = d.out_w(), tile = tile_rows(d);
-    const std::vector<S> wide_w = widen<S>(w, d.c_out * k);
+    const widened<S, T> wide_w(w, d.c_out * k);
     std::vector<S> dcol(static_cast<std::size_t>(k * tile * ow)), dyt(static_cast<std::size_t>(og * tile * ow)),
         acc(static_cast<std::size_t>(cg * d.h * d.w));
     for (index_t n = 0; n < d.n; ++n)
