@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   build-essential cmake g++ clang libclang-rt-14-dev
   libeigen3-dev libxtensor-dev xtl-dev librange-v3-dev nlohmann-json3-dev
-  catch2 libbenchmark-dev libstb-dev libdnnl-dev
+  catch2 libbenchmark-dev libstb-dev libdnnl-dev zlib1g-dev
 )
 
 missing=()

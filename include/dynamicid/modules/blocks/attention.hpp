@@ -1,0 +1,207 @@
+// dynamicid modules: diffusers' Attention (multi-head scaled dot-product
+// attention with its projections), as SD1.x's transformer blocks and the VAE's
+// mid-block use it.
+//
+// On tokens x (B, N, query_dim), with context c (B, L, cross_attention_dim)
+// for cross-attention or c = x for self-attention:
+//
+//   residual = x
+//   x   = group_norm(x over channels)             (when norm_num_groups > 0; the VAE)
+//   q   = to_q(x), k = to_k(c), v = to_v(c)       (bias optional)
+//   o   = softmax(q_h k_h^T / sqrt(dim_head)) v_h  for each of `heads` heads
+//   out = to_out.0(o)                             (with bias by default)
+//   out = (out + residual) / rescale_output_factor (residual_connection; the VAE)
+//
+// Heads are split as diffusers does: (B, N, heads * dim_head) -> (B, heads, N,
+// dim_head). Weights bind by diffusers' keys: to_q, to_k, to_v, to_out.0,
+// group_norm.
+//
+//     // SD1.5 first-level cross-attention: 8 heads of 40, context width 768
+//     auto attn = dynamicid::modules::blocks::attention<B>::bind(
+//         bind.scope("attn2"), {.query_dim = 320, .cross_attention_dim = 768, .heads = 8, .dim_head = 40});
+//     auto y = attn.forward(ctx, x, &text);           // x (B, N, 320), text (B, 77, 768)
+//
+//     // VAE mid-block spatial attention: one head over 512 channels, GroupNorm(32), residual
+//     auto vae_attn = dynamicid::modules::blocks::attention<B>::bind(bind.scope("mid_block.attentions.0"),
+//         {.query_dim = 512, .heads = 1, .dim_head = 512, .bias = true, .norm_num_groups = 32, .norm_eps = 1e-6,
+//          .residual_connection = true});
+//     auto z = vae_attn.forward_spatial(ctx, h);      // h (B, 512, H, W)
+#pragma once
+
+#include <dynamicid/core/error.hpp>
+#include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/layers.hpp>
+#include <dynamicid/modules/weights.hpp>
+#include <dynamicid/ops.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <string_view>
+
+namespace dynamicid::modules::blocks {
+
+/// Hyper-parameters of diffusers' Attention, named as diffusers names them.
+struct attention_config {
+    index_t query_dim = 0;
+    index_t cross_attention_dim = 0;  ///< context width; 0: query_dim (self-attention)
+    index_t heads = 8;
+    index_t dim_head = 64;
+    bool bias = false;      ///< bias on to_q, to_k, to_v
+    bool out_bias = true;   ///< bias on to_out.0
+    index_t norm_num_groups = 0;  ///< > 0: GroupNorm over channels before the projections
+    double norm_eps = 1e-5;
+    bool residual_connection = false;
+    double rescale_output_factor = 1.0;
+};
+
+/// diffusers Attention with its default processor (AttnProcessor2_0 semantics).
+template <class B, class T = float>
+    requires computes_in<B, T>
+class attention {
+public:
+    using config = attention_config;
+    using tensor_type = tensor<B, T>;
+
+    struct params {
+        group_norm_layer<B, T> group_norm;  ///< undefined weights when norm_num_groups == 0
+        linear_layer<B, T> to_q, to_k, to_v;
+        linear_layer<B, T> to_out;  ///< diffusers' to_out.0 (to_out.1 is dropout)
+    };
+
+    attention() = default;
+
+    static attention bind(weight_binder<B, T> b, const config& c) {
+        attention a;
+        a.config_ = normalised(c);
+        const auto& n = a.config_;
+        const index_t inner = n.heads * n.dim_head;
+        auto& p = a.params_;
+        if (n.norm_num_groups > 0) p.group_norm = group_norm_layer<B, T>::bind(b, "group_norm", n.query_dim, n.norm_num_groups, n.norm_eps);
+        p.to_q = linear_layer<B, T>::bind(b, "to_q", n.query_dim, inner, n.bias);
+        p.to_k = linear_layer<B, T>::bind(b, "to_k", n.cross_attention_dim, inner, n.bias);
+        p.to_v = linear_layer<B, T>::bind(b, "to_v", n.cross_attention_dim, inner, n.bias);
+        p.to_out = linear_layer<B, T>::bind(b, "to_out.0", inner, n.query_dim, n.out_bias);
+        return a;
+    }
+
+    const config& settings() const noexcept { return config_; }
+    const params& weights() const noexcept { return params_; }
+    index_t inner_dim() const noexcept { return config_.heads * config_.dim_head; }
+
+    /// Attention.forward on tokens: x (B, N, query_dim), context (B, L,
+    /// cross_attention_dim) or null for self-attention -> (B, N, query_dim).
+    tensor_type forward(context_t<B>& ctx, const tensor_type& x, const tensor_type* context = nullptr) const {
+        check_tokens(x);
+        auto h = x;
+        if (config_.norm_num_groups > 0)
+            h = ops::permute(ctx, params_.group_norm(ctx, ops::permute(ctx, x, {0, 2, 1})), {0, 2, 1});
+        auto out = attend(ctx, h, context ? *context : h);
+        return finish_residual(ctx, out, x);
+    }
+
+    /// Attention.forward on an image x (B, query_dim, H, W), as the VAE calls
+    /// it: the pixels are the tokens; returns (B, query_dim, H, W).
+    tensor_type forward_spatial(context_t<B>& ctx, const tensor_type& x) const {
+        check<shape_error>(x.rank() == 4 && x.dim(1) == config_.query_dim, "attention", "input ", x.shape().str(), " is not (B, ",
+                           config_.query_dim, ", H, W)");
+        const index_t batch = x.dim(0), channels = x.dim(1), height = x.dim(2), width = x.dim(3);
+        // GroupNorm of NCHW equals diffusers' norm of the transposed tokens, without the transposes.
+        const auto normed = config_.norm_num_groups > 0 ? params_.group_norm(ctx, x) : x;
+        const auto tokens = ops::permute(ctx, normed.reshape({batch, channels, height * width}), {0, 2, 1});
+        const auto out = attend(ctx, tokens, tokens);
+        const auto image = ops::permute(ctx, out, {0, 2, 1}).reshape({batch, channels, height, width});
+        return finish_residual(ctx, image, x);
+    }
+
+    /// The projections, the multi-head attention and to_out, without the
+    /// group norm or residual: x (B, N, query_dim), context (B, L, cross) -> (B, N, query_dim).
+    tensor_type attend(context_t<B>& ctx, const tensor_type& x, const tensor_type& context) const {
+        check_tokens(x);
+        check<shape_error>(context.rank() == 3 && context.dim(0) == x.dim(0) && context.dim(2) == config_.cross_attention_dim,
+                           "attention", "context ", context.shape().str(), " is not (", x.dim(0), ", L, ", config_.cross_attention_dim,
+                           ")");
+        const auto q = params_.to_q(ctx, x);
+        const auto k = params_.to_k(ctx, context);
+        const auto v = params_.to_v(ctx, context);
+        return params_.to_out(ctx, multi_head(ctx, q, k, v));
+    }
+
+    /// softmax(q k^T / sqrt(dim_head)) v per head, on projected q (B, N, inner),
+    /// k and v (B, L, inner) -> (B, N, inner). Exposed for processors that
+    /// change the projections (LoRA, extra identity keys) but not the attention.
+    tensor_type multi_head(context_t<B>& ctx, const tensor_type& q, const tensor_type& k, const tensor_type& v) const {
+        const index_t batch = q.dim(0), n = q.dim(1);
+        const double scale = 1.0 / std::sqrt(static_cast<double>(config_.dim_head));
+        const auto o = ops::attention(ctx, split_heads(ctx, q), split_heads(ctx, k), split_heads(ctx, v), scale);
+        return merge_heads(ctx, o, batch, n);
+    }
+
+    /// (B, N, heads * dim_head) -> (B * heads, N, dim_head)
+    tensor_type split_heads(context_t<B>& ctx, const tensor_type& t) const {
+        check<shape_error>(t.rank() == 3 && t.dim(2) == inner_dim(), "attention", "projection ", t.shape().str(), " is not (B, N, ",
+                           inner_dim(), ")");
+        const index_t batch = t.dim(0), n = t.dim(1);
+        return ops::permute(ctx, t.reshape({batch, n, config_.heads, config_.dim_head}), {0, 2, 1, 3})
+            .reshape({batch * config_.heads, n, config_.dim_head});
+    }
+
+    /// (B * heads, N, dim_head) -> (B, N, heads * dim_head)
+    tensor_type merge_heads(context_t<B>& ctx, const tensor_type& t, index_t batch, index_t n) const {
+        return ops::permute(ctx, t.reshape({batch, config_.heads, n, config_.dim_head}), {0, 2, 1, 3}).reshape({batch, n, inner_dim()});
+    }
+
+private:
+    void check_tokens(const tensor_type& x) const {
+        check<shape_error>(x.rank() == 3 && x.dim(2) == config_.query_dim, "attention", "input ", x.shape().str(), " is not (B, N, ",
+                           config_.query_dim, ")");
+    }
+
+    tensor_type finish_residual(context_t<B>& ctx, tensor_type out, const tensor_type& residual) const {
+        if (config_.residual_connection) out = ops::add(ctx, out, residual);
+        if (config_.rescale_output_factor != 1.0) out = ops::scale(ctx, out, 1.0 / config_.rescale_output_factor);
+        return out;
+    }
+
+    static config normalised(config c) {
+        if (c.cross_attention_dim == 0) c.cross_attention_dim = c.query_dim;
+        check<value_error>(c.query_dim > 0 && c.cross_attention_dim > 0 && c.heads > 0 && c.dim_head > 0 && c.norm_num_groups >= 0,
+                           "attention", "sizes must be positive (query_dim ", c.query_dim, ", heads ", c.heads, ", dim_head ",
+                           c.dim_head, ")");
+        check<value_error>(c.norm_num_groups == 0 || c.query_dim % c.norm_num_groups == 0, "attention", c.query_dim,
+                           " channels not divisible into ", c.norm_num_groups, " groups");
+        check<value_error>(c.rescale_output_factor != 0.0, "attention", "rescale_output_factor must not be 0");
+        return c;
+    }
+
+    config config_{};
+    params params_{};
+};
+
+/// What an attention processor receives for one call of one attention layer.
+///
+/// `hidden_states` is the layer's (already layer-normalised) input (B, N,
+/// query_dim); `context` is null for self-attention (attn1) and the encoder
+/// hidden states (B, L, cross) for cross-attention (attn2). `height` x `width`
+/// is the latent token grid (N == height * width). `layer` is the layer's
+/// position in diffusers' `unet.attn_processors` order, `name` its key there
+/// (e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"),
+/// and `step` the caller's per-call counter, passed through unchanged.
+template <class B, class T>
+struct attention_call {
+    const attention<B, T>& attn;
+    const tensor<B, T>& hidden_states;
+    const tensor<B, T>* context = nullptr;
+    index_t height = 0, width = 0;
+    index_t layer = 0;
+    std::string_view name;
+    std::int64_t step = 0;
+};
+
+/// Replaces an attention layer's computation (diffusers' attention processor):
+/// returns what Attention.forward would, (B, N, query_dim). The default is
+/// `call.attn.forward(ctx, call.hidden_states, call.context)`.
+template <class B, class T>
+using attention_processor = std::function<tensor<B, T>(context_t<B>&, const attention_call<B, T>&)>;
+
+}  // namespace dynamicid::modules::blocks

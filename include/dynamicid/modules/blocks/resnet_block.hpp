@@ -1,0 +1,122 @@
+// dynamicid modules: ResnetBlock2D, the residual block of the SD UNet and VAE.
+//
+//   h   = conv1(silu(norm1(x)))
+//   h  += time_emb_proj(silu(temb))[:, :, None, None]      (when temb_channels > 0)
+//   h   = conv2(silu(norm2(h)))
+//   out = (shortcut(x) + h) / output_scale_factor
+//
+// shortcut is the identity, or a 1x1 convolution ("conv_shortcut") when the
+// channel count changes. This is diffusers' ResnetBlock2D with its defaults
+// (time_embedding_norm "default", SiLU, no up/down sampling inside the block,
+// dropout inactive at inference). Weights bind by diffusers' state-dict keys:
+// norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut.
+//
+//     dynamicid::modules::weight_binder<B, float> bind(ctx, source, "down_blocks.0.resnets.0.");
+//     auto block = dynamicid::modules::blocks::resnet_block<B>::bind(
+//         bind, {.in_channels = 320, .out_channels = 320, .temb_channels = 1280, .groups = 32, .eps = 1e-5});
+//     bind.finish();
+//     auto y = block.forward(ctx, x, &temb);   // x (N, 320, H, W), temb (N, 1280)
+#pragma once
+
+#include <dynamicid/core/error.hpp>
+#include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/layers.hpp>
+#include <dynamicid/modules/weights.hpp>
+#include <dynamicid/ops.hpp>
+
+#include <optional>
+#include <string>
+
+namespace dynamicid::modules::blocks {
+
+/// Hyper-parameters of ResnetBlock2D, named as diffusers names them.
+struct resnet_block_config {
+    index_t in_channels = 0;
+    index_t out_channels = 0;      ///< 0: same as in_channels
+    index_t temb_channels = 512;   ///< 0: no time embedding (the VAE's blocks)
+    index_t groups = 32;           ///< GroupNorm groups of norm1
+    index_t groups_out = 0;        ///< GroupNorm groups of norm2; 0: same as groups
+    double eps = 1e-6;             ///< both GroupNorms' epsilon
+    double output_scale_factor = 1.0;
+    /// Whether the shortcut is a 1x1 convolution; unset: exactly when the channel count changes.
+    std::optional<bool> use_in_shortcut{};
+    bool conv_shortcut_bias = true;
+};
+
+/// diffusers ResnetBlock2D (time_embedding_norm "default").
+template <class B, class T = float>
+    requires computes_in<B, T>
+class resnet_block {
+public:
+    using config = resnet_block_config;
+    using tensor_type = tensor<B, T>;
+
+    struct params {
+        group_norm_layer<B, T> norm1, norm2;
+        conv2d_layer<B, T> conv1, conv2;
+        linear_layer<B, T> time_emb_proj;  ///< undefined weight when temb_channels == 0
+        conv2d_layer<B, T> conv_shortcut;  ///< undefined weight without a 1x1 shortcut
+    };
+
+    resnet_block() = default;
+
+    /// Binds the block's weights below the binder's prefix; problems are
+    /// collected in the binder (call finish() once the whole model is bound).
+    static resnet_block bind(weight_binder<B, T> b, const config& c) {
+        resnet_block r;
+        r.config_ = normalised(c);
+        const auto& n = r.config_;
+        auto& p = r.params_;
+        p.norm1 = group_norm_layer<B, T>::bind(b, "norm1", n.in_channels, n.groups, n.eps);
+        p.conv1 = conv2d_layer<B, T>::bind(b, "conv1", n.in_channels, n.out_channels, 3, {.padding = 1});
+        if (n.temb_channels > 0) p.time_emb_proj = linear_layer<B, T>::bind(b, "time_emb_proj", n.temb_channels, n.out_channels, true);
+        p.norm2 = group_norm_layer<B, T>::bind(b, "norm2", n.out_channels, n.groups_out, n.eps);
+        p.conv2 = conv2d_layer<B, T>::bind(b, "conv2", n.out_channels, n.out_channels, 3, {.padding = 1});
+        if (*n.use_in_shortcut)
+            p.conv_shortcut = conv2d_layer<B, T>::bind(b, "conv_shortcut", n.in_channels, n.out_channels, 1, {}, n.conv_shortcut_bias);
+        return r;
+    }
+
+    const config& settings() const noexcept { return config_; }
+    const params& weights() const noexcept { return params_; }
+
+    /// x (N, in_channels, H, W), temb (N, temb_channels) or null -> (N, out_channels, H, W).
+    tensor_type forward(context_t<B>& ctx, const tensor_type& x, const tensor_type* temb = nullptr) const {
+        const auto& c = config_;
+        check<shape_error>(x.rank() == 4 && x.dim(1) == c.in_channels, "resnet_block", "input ", x.shape().str(), " is not (N, ",
+                           c.in_channels, ", H, W)");
+        auto h = params_.conv1(ctx, ops::silu(ctx, params_.norm1(ctx, x)));
+        if (c.temb_channels > 0) {
+            check<value_error>(temb && temb->defined(), "resnet_block", "this block needs a time embedding");
+            check<shape_error>(temb->rank() == 2 && temb->dim(0) == x.dim(0) && temb->dim(1) == c.temb_channels, "resnet_block",
+                               "time embedding ", temb->shape().str(), " is not (", x.dim(0), ", ", c.temb_channels, ")");
+            const auto t = params_.time_emb_proj(ctx, ops::silu(ctx, *temb)).reshape({x.dim(0), c.out_channels, 1, 1});
+            h = ops::add(ctx, h, t);
+        }
+        h = params_.conv2(ctx, ops::silu(ctx, params_.norm2(ctx, h)));
+        const auto shortcut = *c.use_in_shortcut ? params_.conv_shortcut(ctx, x) : x;
+        auto out = ops::add(ctx, shortcut, h);
+        if (c.output_scale_factor != 1.0) out = ops::scale(ctx, out, 1.0 / c.output_scale_factor);
+        return out;
+    }
+
+private:
+    static config normalised(config c) {
+        if (c.out_channels == 0) c.out_channels = c.in_channels;
+        if (c.groups_out == 0) c.groups_out = c.groups;
+        if (!c.use_in_shortcut) c.use_in_shortcut = c.in_channels != c.out_channels;
+        check<value_error>(c.in_channels > 0 && c.out_channels > 0 && c.temb_channels >= 0 && c.groups > 0 && c.groups_out > 0,
+                           "resnet_block", "channel and group counts must be positive");
+        check<value_error>(c.in_channels % c.groups == 0 && c.out_channels % c.groups_out == 0, "resnet_block", "channels (",
+                           c.in_channels, ", ", c.out_channels, ") not divisible into groups (", c.groups, ", ", c.groups_out, ")");
+        check<value_error>(c.output_scale_factor != 0.0, "resnet_block", "output_scale_factor must not be 0");
+        check<value_error>(*c.use_in_shortcut || c.in_channels == c.out_channels, "resnet_block",
+                           "an identity shortcut needs in_channels == out_channels");
+        return c;
+    }
+
+    config config_{};
+    params params_{};
+};
+
+}  // namespace dynamicid::modules::blocks

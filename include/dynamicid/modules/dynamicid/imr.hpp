@@ -1,0 +1,278 @@
+// dynamicid modules: DynamicID's Identity-Motion Reconfigurator (IMR).
+//
+// Edits identity tokens so they follow a target motion (landmarks + face prompt):
+//
+//   latents = feature_fusion(concat(landmark, text))       LN -> Linear -> GELU -> LN -> Linear -> GELU,
+//                                                          reshaped to num_queries latents of width dim;
+//                                                          source (row 0) and targets together
+//   x       = proj_in(norm_in(tokens))                     (1, n, dim)
+//   disentangleNet, per layer (source latents m):
+//       x += cross(x, m); x += self(x); x += ff(x)
+//   x       = x repeated once per target
+//   entangleNet, per layer: the same with the target latents
+//   out     = proj_out(norm_out(x))                        (targets, n, embedding_dim)
+//
+// cross(x, m) is the resampler's PerceiverAttention with the roles swapped:
+// the query comes from norm2(x); keys/values from to_kv(concat(norm1(m), norm2(x)))
+// along the sequence. self(x) is LayerNorm then the same attention over x
+// alone. Both use ordinary multi-head attention (scale 1/sqrt(dim_head)) with
+// bias-free to_q, to_kv (split in half along features) and to_out. The
+// released model.py cannot run (its reshape_tensor folds heads into the
+// batch); this follows its intended multi-head form. ff: LayerNorm ->
+// Linear(dim, ff_mult*dim) -> GELU(erf) -> Linear back, without biases.
+// Depths are a property of the checkpoint: counted from the weights unless
+// the config fixes them.
+//
+//     auto source = dynamicid::modules::weight_source::open({"IMR.safetensors"});
+//     auto imr = dynamicid::modules::imr::imr_model<dynamicid::cpu_backend>::load(ctx, source, {});
+//     auto edited = imr.forward(ctx, tokens, src_landmark, tgt_landmarks, src_text, tgt_texts);   // (T, 4, 768)
+#pragma once
+
+#include <dynamicid/core/error.hpp>
+#include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/dynamicid/detail/heads.hpp>
+#include <dynamicid/modules/layers.hpp>
+#include <dynamicid/modules/weights.hpp>
+#include <dynamicid/ops.hpp>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace dynamicid::modules::imr {
+
+/// Hyper-parameters; the defaults are the released inference ones.
+struct imr_config {
+    index_t dim = 1024;
+    index_t dim_head = 64;
+    index_t heads = 16;
+    index_t num_queries = 4;       ///< motion latents per image
+    index_t embedding_dim = 768;   ///< identity token and landmark feature width
+    index_t txt_dim = 768;         ///< face prompt embedding width
+    index_t ff_mult = 4;
+    std::optional<index_t> disentangle_depth, entangle_depth;  ///< none: counted from the weights
+    double layer_norm_eps = 1e-5;
+};
+
+template <class B, class T = float>
+    requires computes_in<B, T>
+class imr_model {
+public:
+    using config = imr_config;
+    using tensor_type = tensor<B, T>;
+    using linear = linear_layer<B, T>;
+    using norm = layer_norm_layer<B, T>;
+
+    /// <net>.<i>.0: PerceiverAttention (norm1 on the motion latents, norm2 on x).
+    struct cross_attention_params {
+        norm norm1, norm2;
+        linear to_q, to_kv, to_out;
+    };
+    /// <net>.<i>.1: MultAttention.
+    struct self_attention_params {
+        norm norm1;
+        linear to_q, to_kv, to_out;
+    };
+    /// <net>.<i>.2: .0 LayerNorm, .1 Linear up, .3 Linear down.
+    struct feed_forward_params {
+        norm norm0;
+        linear up, down;
+    };
+    struct layer_params {
+        cross_attention_params cross;
+        self_attention_params self;
+        feed_forward_params ff;
+    };
+    struct params {
+        norm fusion_norm0, fusion_norm3;   ///< feature_fusion.0, feature_fusion.3
+        linear fusion_linear1, fusion_linear4;  ///< feature_fusion.1, feature_fusion.4
+        norm norm_in, norm_out;
+        linear proj_in, proj_out;
+        std::vector<layer_params> disentangle, entangle;  ///< disentangleNet, entangleNet
+    };
+
+    imr_model(config cfg, params weights) : config_(cfg), params_(std::move(weights)) { validate(); }
+
+    /// Binds every weight by its state-dict key (below the binder's prefix).
+    static params bind(weight_binder<B, T>& b, config& cfg) {
+        const auto& c = cfg;
+        check<value_error>(c.dim > 0 && c.dim_head > 0 && c.heads > 0 && c.num_queries > 0 && c.embedding_dim > 0 && c.txt_dim > 0 &&
+                               c.ff_mult > 0,
+                           "imr", "every size in the config must be positive");
+        const index_t dim = c.dim, inner = c.heads * c.dim_head, motion = c.embedding_dim + c.txt_dim;
+        params p;
+        p.fusion_norm0 = norm::bind(b, "feature_fusion.0", motion, c.layer_norm_eps);
+        p.fusion_linear1 = linear::bind(b, "feature_fusion.1", motion, dim, true);
+        p.fusion_norm3 = norm::bind(b, "feature_fusion.3", dim, c.layer_norm_eps);
+        p.fusion_linear4 = linear::bind(b, "feature_fusion.4", dim, c.num_queries * dim, true);
+        p.norm_in = norm::bind(b, "norm_in", c.embedding_dim, c.layer_norm_eps);
+        p.proj_in = linear::bind(b, "proj_in", c.embedding_dim, dim, true);
+        p.norm_out = norm::bind(b, "norm_out", dim, c.layer_norm_eps);
+        p.proj_out = linear::bind(b, "proj_out", dim, c.embedding_dim, true);
+        const auto net = [&](const char* name, std::optional<index_t>& depth) {
+            if (!depth) {
+                index_t n = 0;
+                while (b.contains(std::string(name) + "." + std::to_string(n) + ".0.to_q.weight")) ++n;
+                depth = n;
+            }
+            std::vector<layer_params> layers;
+            for (index_t i = 0; i < *depth; ++i) {
+                auto l = b.scope(name, i);
+                layer_params lp;
+                auto a = l.scope("0");
+                lp.cross = {norm::bind(a, "norm1", dim, c.layer_norm_eps), norm::bind(a, "norm2", dim, c.layer_norm_eps),
+                            linear::bind(a, "to_q", dim, inner, false), linear::bind(a, "to_kv", dim, 2 * inner, false),
+                            linear::bind(a, "to_out", inner, dim, false)};
+                auto s = l.scope("1");
+                lp.self = {norm::bind(s, "norm1", dim, c.layer_norm_eps), linear::bind(s, "to_q", dim, inner, false),
+                           linear::bind(s, "to_kv", dim, 2 * inner, false), linear::bind(s, "to_out", inner, dim, false)};
+                auto f = l.scope("2");
+                lp.ff = {norm::bind(f, "0", dim, c.layer_norm_eps), linear::bind(f, "1", dim, c.ff_mult * dim, false),
+                         linear::bind(f, "3", c.ff_mult * dim, dim, false)};
+                layers.push_back(std::move(lp));
+            }
+            return layers;
+        };
+        p.disentangle = net("disentangleNet", cfg.disentangle_depth);
+        p.entangle = net("entangleNet", cfg.entangle_depth);
+        return p;
+    }
+
+    /// Binds under `prefix` ("" for a bare state dict, "param." for golden files); io_error lists every problem.
+    static imr_model load(context_t<B>& ctx, const weight_source& source, config cfg, std::string_view prefix = "") {
+        weight_binder<B, T> b(ctx, source, std::string(prefix));
+        auto p = bind(b, cfg);
+        b.finish();
+        return imr_model(cfg, std::move(p));
+    }
+
+    /// tokens (1, n, embedding_dim); src_landmark (1, embedding_dim), tgt_landmark (T, embedding_dim);
+    /// src_text (1, txt_dim), tgt_text (T, txt_dim) -> (T, n, embedding_dim).
+    tensor_type forward(context_t<B>& ctx, const tensor_type& tokens, const tensor_type& src_landmark, const tensor_type& tgt_landmark,
+                        const tensor_type& src_text, const tensor_type& tgt_text) const {
+        const auto& c = config_;
+        check<shape_error>(tokens.rank() == 3 && tokens.dim(0) == 1 && tokens.dim(2) == c.embedding_dim, "imr", "tokens ",
+                           tokens.shape().str(), " is not (1, n, ", c.embedding_dim, ")");
+        const auto check_2d = [](const tensor_type& t, index_t rows, index_t width, const char* what) {
+            check<shape_error>(t.rank() == 2 && (rows < 0 || t.dim(0) == rows) && t.dim(1) == width, "imr", what, " ", t.shape().str(),
+                               " is not (", rows < 0 ? std::string("T") : std::to_string(rows), ", ", width, ")");
+        };
+        check_2d(src_landmark, 1, c.embedding_dim, "src_landmark");
+        check_2d(src_text, 1, c.txt_dim, "src_text");
+        check_2d(tgt_landmark, -1, c.embedding_dim, "tgt_landmark");
+        const index_t targets = tgt_landmark.dim(0);
+        check<shape_error>(targets >= 1, "imr", "no targets");
+        check_2d(tgt_text, targets, c.txt_dim, "tgt_text");
+
+        // Source and targets through feature_fusion together: (1 + T, num_queries, dim).
+        const auto motion = ops::concat(ctx, std::vector<tensor_type>{ops::concat(ctx, std::vector<tensor_type>{src_landmark, src_text}, 1),
+                                                                      ops::concat(ctx, std::vector<tensor_type>{tgt_landmark, tgt_text}, 1)},
+                                        0);
+        const auto& p = params_;
+        auto h = ops::gelu(ctx, p.fusion_linear1(ctx, p.fusion_norm0(ctx, motion)));
+        h = ops::gelu(ctx, p.fusion_linear4(ctx, p.fusion_norm3(ctx, h)));
+        const auto latents = h.reshape({1 + targets, c.num_queries, c.dim});
+        const auto src_latents = latents.narrow_leading(0, 1);
+        const auto tgt_latents = latents.narrow_leading(1, targets);
+
+        auto x = p.proj_in(ctx, p.norm_in(ctx, tokens));
+        for (const auto& layer : p.disentangle) x = apply_layer(ctx, layer, x, src_latents);
+        if (targets > 1) x = ops::concat(ctx, std::vector<tensor_type>(static_cast<std::size_t>(targets), x), 0);
+        for (const auto& layer : p.entangle) x = apply_layer(ctx, layer, x, tgt_latents);
+        return p.proj_out(ctx, p.norm_out(ctx, x));
+    }
+
+    const config& settings() const noexcept { return config_; }
+    const params& weights() const noexcept { return params_; }
+
+private:
+    tensor_type apply_layer(context_t<B>& ctx, const layer_params& l, tensor_type x, const tensor_type& motion) const {
+        x = ops::add(ctx, x, cross_attention(ctx, l.cross, x, motion));
+        x = ops::add(ctx, x, self_attention(ctx, l.self, x));
+        const auto& f = l.ff;
+        return ops::add(ctx, x, f.down(ctx, ops::gelu(ctx, f.up(ctx, f.norm0(ctx, x)))));
+    }
+
+    /// q from `queries`, keys/values from `kv_input` (both already normalised).
+    tensor_type attend(context_t<B>& ctx, const linear& to_q, const linear& to_kv, const linear& to_out, const tensor_type& queries,
+                       const tensor_type& kv_input) const {
+        using modules::detail::merge_heads;
+        using modules::detail::split_heads;
+        const index_t inner = config_.heads * config_.dim_head;
+        const auto q = to_q(ctx, queries);
+        const auto kv = to_kv(ctx, kv_input);
+        const auto k = ops::slice(ctx, kv, -1, 0, inner);
+        const auto v = ops::slice(ctx, kv, -1, inner, inner);
+        const double scale = 1.0 / std::sqrt(static_cast<double>(config_.dim_head));
+        const auto o = ops::attention(ctx, split_heads(ctx, q, config_.heads), split_heads(ctx, k, config_.heads),
+                                      split_heads(ctx, v, config_.heads), scale);
+        return to_out(ctx, merge_heads(ctx, o, config_.heads));
+    }
+
+    tensor_type cross_attention(context_t<B>& ctx, const cross_attention_params& a, const tensor_type& x, const tensor_type& motion) const {
+        const auto xn = a.norm2(ctx, x);
+        const auto mn = a.norm1(ctx, motion);
+        return attend(ctx, a.to_q, a.to_kv, a.to_out, xn, ops::concat(ctx, std::vector<tensor_type>{mn, xn}, 1));
+    }
+
+    tensor_type self_attention(context_t<B>& ctx, const self_attention_params& a, const tensor_type& x) const {
+        const auto xn = a.norm1(ctx, x);
+        return attend(ctx, a.to_q, a.to_kv, a.to_out, xn, xn);
+    }
+
+    void validate() const {
+        using modules::detail::expect_weight;
+        const auto& c = config_;
+        check<value_error>(c.dim > 0 && c.dim_head > 0 && c.heads > 0 && c.num_queries > 0 && c.embedding_dim > 0 && c.txt_dim > 0 &&
+                               c.ff_mult > 0,
+                           "imr", "every size in the config must be positive");
+        const index_t dim = c.dim, inner = c.heads * c.dim_head, motion = c.embedding_dim + c.txt_dim;
+        const auto& p = params_;
+        const auto ln = [&](const norm& n, index_t width, const std::string& name) {
+            expect_weight("imr", n.weight, {width}, name + ".weight");
+            expect_weight("imr", n.bias, {width}, name + ".bias");
+        };
+        const auto lin = [&](const linear& l, index_t in, index_t out, bool bias, const std::string& name) {
+            expect_weight("imr", l.weight, {out, in}, name + ".weight");
+            if (bias) expect_weight("imr", l.bias, {out}, name + ".bias");
+        };
+        ln(p.fusion_norm0, motion, "feature_fusion.0");
+        lin(p.fusion_linear1, motion, dim, true, "feature_fusion.1");
+        ln(p.fusion_norm3, dim, "feature_fusion.3");
+        lin(p.fusion_linear4, dim, c.num_queries * dim, true, "feature_fusion.4");
+        ln(p.norm_in, c.embedding_dim, "norm_in");
+        lin(p.proj_in, c.embedding_dim, dim, true, "proj_in");
+        ln(p.norm_out, dim, "norm_out");
+        lin(p.proj_out, dim, c.embedding_dim, true, "proj_out");
+        const auto net = [&](const std::vector<layer_params>& layers, const std::optional<index_t>& depth, const std::string& name) {
+            check<shape_error>(!depth || static_cast<index_t>(layers.size()) == *depth, "imr", name, " has ", layers.size(),
+                               " layers, the config says ", depth.value_or(0));
+            for (std::size_t i = 0; i < layers.size(); ++i) {
+                const std::string l = name + "." + std::to_string(i) + ".";
+                const auto& lp = layers[i];
+                ln(lp.cross.norm1, dim, l + "0.norm1");
+                ln(lp.cross.norm2, dim, l + "0.norm2");
+                lin(lp.cross.to_q, dim, inner, false, l + "0.to_q");
+                lin(lp.cross.to_kv, dim, 2 * inner, false, l + "0.to_kv");
+                lin(lp.cross.to_out, inner, dim, false, l + "0.to_out");
+                ln(lp.self.norm1, dim, l + "1.norm1");
+                lin(lp.self.to_q, dim, inner, false, l + "1.to_q");
+                lin(lp.self.to_kv, dim, 2 * inner, false, l + "1.to_kv");
+                lin(lp.self.to_out, inner, dim, false, l + "1.to_out");
+                ln(lp.ff.norm0, dim, l + "2.0");
+                lin(lp.ff.up, dim, c.ff_mult * dim, false, l + "2.1");
+                lin(lp.ff.down, c.ff_mult * dim, dim, false, l + "2.3");
+            }
+        };
+        net(p.disentangle, c.disentangle_depth, "disentangleNet");
+        net(p.entangle, c.entangle_depth, "entangleNet");
+    }
+
+    config config_;
+    params params_;
+};
+
+}  // namespace dynamicid::modules::imr

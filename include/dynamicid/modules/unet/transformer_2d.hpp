@@ -1,0 +1,270 @@
+// dynamicid modules: diffusers' Transformer2DModel (continuous input) and its
+// BasicTransformerBlock, as SD1.x's UNet uses them.
+//
+//   residual = x                                    x (B, C, H, W)
+//   x = GroupNorm(norm_num_groups, eps 1e-6)(x)
+//   tokens = proj_in(x) as (B, H*W, inner)          1x1 conv, or linear after flattening
+//   per block:  t += attn1(norm1(t))                 self-attention
+//               t += attn2(norm2(t), text)           cross-attention
+//               t += ff(norm3(t))                    net.0 GEGLU (proj to 2*4*inner), net.2 linear
+//   out = proj_out(tokens) as (B, C, H, W) + residual
+//
+// Every attention layer may be replaced per call through attention_hooks:
+// hooks.processors[layer] (when set) computes that layer instead of the
+// default attention, and receives hooks.step. Layers are numbered in
+// diffusers' attn_processors order; a standalone Transformer2DModel numbers
+// its own layers transformer_blocks.0.attn1, .attn2, transformer_blocks.1.attn1, ...
+//
+//     auto t = dynamicid::modules::unet::transformer_2d<B>::bind(bind.scope("down_blocks.0.attentions.0"),
+//         {.num_attention_heads = 8, .attention_head_dim = 40, .in_channels = 320, .cross_attention_dim = 768});
+//     auto y = t.forward(ctx, x, text);      // x (B, 320, H, W), text (B, 77, 768)
+#pragma once
+
+#include <dynamicid/core/error.hpp>
+#include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/blocks/attention.hpp>
+#include <dynamicid/modules/layers.hpp>
+#include <dynamicid/modules/weights.hpp>
+#include <dynamicid/ops.hpp>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace dynamicid::modules::unet {
+
+/// Per-call replacements of attention layers (DynamicID's processors plug in here).
+template <class B, class T>
+struct attention_hooks {
+    /// processors[layer] replaces that layer; an empty entry, or a layer past
+    /// the end, runs the default attention.
+    std::vector<blocks::attention_processor<B, T>> processors;
+    /// Passed unchanged to every processor (e.g. the sampler's step index).
+    std::int64_t step = 0;
+};
+
+/// diffusers FeedForward with GEGLU: net.0.proj (dim -> 2 * inner), GEGLU, net.2 (inner -> dim).
+template <class B, class T = float>
+    requires computes_in<B, T>
+class feed_forward {
+public:
+    using tensor_type = tensor<B, T>;
+    struct params {
+        linear_layer<B, T> proj, out;  ///< net.0.proj, net.2
+    };
+
+    feed_forward() = default;
+
+    static feed_forward bind(weight_binder<B, T> b, index_t dim, index_t inner) {
+        feed_forward f;
+        f.params_.proj = linear_layer<B, T>::bind(b, "net.0.proj", dim, 2 * inner, true);
+        f.params_.out = linear_layer<B, T>::bind(b, "net.2", inner, dim, true);
+        return f;
+    }
+
+    const params& weights() const noexcept { return params_; }
+
+    tensor_type forward(context_t<B>& ctx, const tensor_type& x) const {
+        // diffusers' GEGLU chunks the projection into [hidden | gate], as ops::geglu expects.
+        return params_.out(ctx, ops::geglu(ctx, params_.proj(ctx, x)));
+    }
+
+private:
+    params params_{};
+};
+
+/// Hyper-parameters of BasicTransformerBlock (SD1.x: layer_norm, geglu, no attention bias).
+struct basic_transformer_block_config {
+    index_t dim = 320;
+    index_t num_attention_heads = 8;
+    index_t attention_head_dim = 40;
+    index_t cross_attention_dim = 768;
+    bool attention_bias = false;
+    double norm_eps = 1e-5;
+    index_t ff_mult = 4;
+};
+
+/// diffusers BasicTransformerBlock: self-attention, cross-attention, GEGLU feed-forward, each pre-normed with a residual.
+template <class B, class T = float>
+    requires computes_in<B, T>
+class basic_transformer_block {
+public:
+    using config = basic_transformer_block_config;
+    using tensor_type = tensor<B, T>;
+    using attention_type = blocks::attention<B, T>;
+
+    struct params {
+        layer_norm_layer<B, T> norm1, norm2, norm3;
+        attention_type attn1, attn2;
+        feed_forward<B, T> ff;
+    };
+
+    /// Where this block's two attention layers sit in the processor order.
+    struct layer_ids {
+        index_t attn1 = 0, attn2 = 1;
+        std::string attn1_name, attn2_name;  ///< diffusers attn_processors keys
+    };
+
+    basic_transformer_block() = default;
+
+    static basic_transformer_block bind(weight_binder<B, T> b, const config& c, layer_ids ids = {}) {
+        check<value_error>(c.dim > 0 && c.num_attention_heads > 0 && c.attention_head_dim > 0 && c.cross_attention_dim > 0 && c.ff_mult > 0,
+                           "transformer_block", "sizes must be positive");
+        basic_transformer_block t;
+        t.config_ = c;
+        t.ids_ = std::move(ids);
+        auto& p = t.params_;
+        p.norm1 = layer_norm_layer<B, T>::bind(b, "norm1", c.dim, c.norm_eps);
+        p.attn1 = attention_type::bind(b.scope("attn1"), {.query_dim = c.dim, .cross_attention_dim = c.dim, .heads = c.num_attention_heads,
+                                                          .dim_head = c.attention_head_dim, .bias = c.attention_bias});
+        p.norm2 = layer_norm_layer<B, T>::bind(b, "norm2", c.dim, c.norm_eps);
+        p.attn2 = attention_type::bind(b.scope("attn2"), {.query_dim = c.dim, .cross_attention_dim = c.cross_attention_dim,
+                                                          .heads = c.num_attention_heads, .dim_head = c.attention_head_dim,
+                                                          .bias = c.attention_bias});
+        p.norm3 = layer_norm_layer<B, T>::bind(b, "norm3", c.dim, c.norm_eps);
+        p.ff = feed_forward<B, T>::bind(b.scope("ff"), c.dim, c.dim * c.ff_mult);
+        return t;
+    }
+
+    const config& settings() const noexcept { return config_; }
+    const params& weights() const noexcept { return params_; }
+    const layer_ids& layers() const noexcept { return ids_; }
+
+    /// tokens (B, height * width, dim), text (B, L, cross_attention_dim) -> (B, height * width, dim).
+    tensor_type forward(context_t<B>& ctx, const tensor_type& tokens, const tensor_type& text, index_t height, index_t width,
+                        const attention_hooks<B, T>* hooks = nullptr) const {
+        auto h = tokens;
+        h = ops::add(ctx, run(ctx, params_.attn1, ids_.attn1, ids_.attn1_name, params_.norm1(ctx, h), nullptr, height, width, hooks), h);
+        h = ops::add(ctx, run(ctx, params_.attn2, ids_.attn2, ids_.attn2_name, params_.norm2(ctx, h), &text, height, width, hooks), h);
+        h = ops::add(ctx, params_.ff.forward(ctx, params_.norm3(ctx, h)), h);
+        return h;
+    }
+
+private:
+    static tensor_type run(context_t<B>& ctx, const attention_type& attn, index_t layer, const std::string& name, const tensor_type& x,
+                           const tensor_type* text, index_t height, index_t width, const attention_hooks<B, T>* hooks) {
+        if (hooks && layer >= 0 && layer < static_cast<index_t>(hooks->processors.size()) &&
+            hooks->processors[static_cast<std::size_t>(layer)]) {
+            const blocks::attention_call<B, T> call{attn, x, text, height, width, layer, name, hooks->step};
+            auto out = hooks->processors[static_cast<std::size_t>(layer)](ctx, call);
+            check<shape_error>(out.defined() && out.shape() == x.shape(), "transformer_block", "processor for layer ", layer, " (", name,
+                               ") returned ", out.defined() ? out.shape().str() : std::string("nothing"), ", expected ",
+                               x.shape().str());
+            return out;
+        }
+        return attn.forward(ctx, x, text);
+    }
+
+    config config_{};
+    layer_ids ids_{};
+    params params_{};
+};
+
+/// Hyper-parameters of Transformer2DModel (continuous input), named as diffusers names them.
+struct transformer_2d_config {
+    index_t num_attention_heads = 8;
+    index_t attention_head_dim = 40;
+    index_t in_channels = 320;
+    index_t num_layers = 1;
+    index_t cross_attention_dim = 768;
+    index_t norm_num_groups = 32;
+    bool use_linear_projection = false;
+    bool attention_bias = false;
+    double norm_eps = 1e-5;  ///< the blocks' LayerNorms (the input GroupNorm's is fixed at 1e-6)
+};
+
+/// diffusers Transformer2DModel on an image: GroupNorm, proj_in, transformer blocks, proj_out, residual.
+template <class B, class T = float>
+    requires computes_in<B, T>
+class transformer_2d {
+public:
+    using config = transformer_2d_config;
+    using tensor_type = tensor<B, T>;
+    using block_type = basic_transformer_block<B, T>;
+
+    struct params {
+        group_norm_layer<B, T> norm;
+        linear_layer<B, T> proj_in_linear, proj_out_linear;  ///< with use_linear_projection
+        conv2d_layer<B, T> proj_in_conv, proj_out_conv;      ///< 1x1 convolutions otherwise
+        std::vector<block_type> transformer_blocks;
+    };
+
+    transformer_2d() = default;
+
+    /// `first_layer` is the processor index of transformer_blocks.0.attn1, and
+    /// `name_prefix` this model's path in the UNet ("down_blocks.0.attentions.0.").
+    static transformer_2d bind(weight_binder<B, T> b, const config& c, index_t first_layer = 0, const std::string& name_prefix = "") {
+        check<value_error>(c.num_attention_heads > 0 && c.attention_head_dim > 0 && c.in_channels > 0 && c.num_layers >= 1 &&
+                               c.norm_num_groups > 0 && c.in_channels % c.norm_num_groups == 0,
+                           "transformer_2d", "bad sizes: ", c.in_channels, " channels, ", c.norm_num_groups, " groups, ",
+                           c.num_attention_heads, " heads of ", c.attention_head_dim, ", ", c.num_layers, " layers");
+        transformer_2d t;
+        t.config_ = c;
+        const index_t inner = c.num_attention_heads * c.attention_head_dim;
+        auto& p = t.params_;
+        p.norm = group_norm_layer<B, T>::bind(b, "norm", c.in_channels, c.norm_num_groups, 1e-6);
+        if (c.use_linear_projection) {
+            p.proj_in_linear = linear_layer<B, T>::bind(b, "proj_in", c.in_channels, inner, true);
+            p.proj_out_linear = linear_layer<B, T>::bind(b, "proj_out", inner, c.in_channels, true);
+        } else {
+            p.proj_in_conv = conv2d_layer<B, T>::bind(b, "proj_in", c.in_channels, inner, 1);
+            p.proj_out_conv = conv2d_layer<B, T>::bind(b, "proj_out", inner, c.in_channels, 1);
+        }
+        const basic_transformer_block_config bc{.dim = inner, .num_attention_heads = c.num_attention_heads, .attention_head_dim = c.attention_head_dim,
+                                    .cross_attention_dim = c.cross_attention_dim, .attention_bias = c.attention_bias,
+                                    .norm_eps = c.norm_eps};
+        for (index_t i = 0; i < c.num_layers; ++i) {
+            const std::string block = name_prefix + "transformer_blocks." + std::to_string(i) + ".";
+            typename block_type::layer_ids ids{first_layer + 2 * i, first_layer + 2 * i + 1, block + "attn1.processor",
+                                               block + "attn2.processor"};
+            p.transformer_blocks.push_back(block_type::bind(b.scope("transformer_blocks", i), bc, std::move(ids)));
+        }
+        return t;
+    }
+
+    const config& settings() const noexcept { return config_; }
+    const params& weights() const noexcept { return params_; }
+    /// Attention layers in this model (two per transformer block).
+    index_t attention_layer_count() const noexcept { return 2 * config_.num_layers; }
+
+    /// x (B, in_channels, H, W), text (B, L, cross_attention_dim) -> (B, in_channels, H, W).
+    tensor_type forward(context_t<B>& ctx, const tensor_type& x, const tensor_type& text, const attention_hooks<B, T>* hooks = nullptr) const {
+        const auto& c = config_;
+        check<shape_error>(x.rank() == 4 && x.dim(1) == c.in_channels, "transformer_2d", "input ", x.shape().str(), " is not (B, ",
+                           c.in_channels, ", H, W)");
+        check<shape_error>(text.rank() == 3 && text.dim(0) == x.dim(0) && text.dim(2) == c.cross_attention_dim, "transformer_2d",
+                           "encoder_hidden_states ", text.shape().str(), " is not (", x.dim(0), ", L, ", c.cross_attention_dim, ")");
+        const index_t batch = x.dim(0), height = x.dim(2), width = x.dim(3);
+        const auto normed = params_.norm(ctx, x);
+        tensor_type tokens;
+        if (c.use_linear_projection) {
+            tokens = params_.proj_in_linear(ctx, to_tokens(ctx, normed));
+        } else {
+            tokens = to_tokens(ctx, params_.proj_in_conv(ctx, normed));
+        }
+        for (const auto& block : params_.transformer_blocks) tokens = block.forward(ctx, tokens, text, height, width, hooks);
+        tensor_type out;
+        if (c.use_linear_projection) {
+            out = to_image(ctx, params_.proj_out_linear(ctx, tokens), batch, height, width);
+        } else {
+            out = params_.proj_out_conv(ctx, to_image(ctx, tokens, batch, height, width));
+        }
+        return ops::add(ctx, out, x);
+    }
+
+private:
+    /// (B, C, H, W) -> (B, H*W, C)
+    static tensor_type to_tokens(context_t<B>& ctx, const tensor_type& x) {
+        return ops::permute(ctx, x.reshape({x.dim(0), x.dim(1), x.dim(2) * x.dim(3)}), {0, 2, 1});
+    }
+    /// (B, H*W, C) -> (B, C, H, W)
+    static tensor_type to_image(context_t<B>& ctx, const tensor_type& t, index_t batch, index_t height, index_t width) {
+        return ops::permute(ctx, t, {0, 2, 1}).reshape({batch, t.dim(2), height, width});
+    }
+
+    config config_{};
+    params params_{};
+};
+
+}  // namespace dynamicid::modules::unet

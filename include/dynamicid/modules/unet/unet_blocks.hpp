@@ -1,0 +1,251 @@
+// dynamicid modules: the UNet's down, mid and up blocks and its resamplers,
+// as diffusers builds them for SD1.x.
+//
+//   Downsample2D              conv 3x3, stride 2, padding 1          ("downsamplers.0.conv")
+//   Upsample2D                nearest x2, then conv 3x3, padding 1   ("upsamplers.0.conv")
+//   CrossAttnDownBlock2D      (resnet, transformer) x num_layers, then Downsample2D
+//   DownBlock2D               resnet x num_layers, then Downsample2D
+//   UNetMidBlock2DCrossAttn   resnet, then (transformer, resnet) x num_layers
+//   CrossAttnUpBlock2D        (concat skip, resnet, transformer) x num_layers, then Upsample2D
+//   UpBlock2D                 (concat skip, resnet) x num_layers, then Upsample2D
+//
+// Down blocks push every resnet/transformer output and the downsampled result
+// onto the skip stack; up blocks pop from its end (diffusers'
+// down_block_res_samples). A down/up block "has_cross_attention" when it is
+// the CrossAttn variant.
+//
+//     auto down = dynamicid::modules::unet::down_block<B>::bind(bind.scope("down_blocks", 0), {.in_channels = 320, ...});
+//     std::vector<tensor<B, float>> skips{h};
+//     h = down.forward(ctx, h, temb, text, skips);
+#pragma once
+
+#include <dynamicid/core/error.hpp>
+#include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/blocks/resnet_block.hpp>
+#include <dynamicid/modules/layers.hpp>
+#include <dynamicid/modules/unet/transformer_2d.hpp>
+#include <dynamicid/modules/weights.hpp>
+#include <dynamicid/ops.hpp>
+
+#include <string>
+#include <vector>
+
+namespace dynamicid::modules::unet {
+
+/// What every UNet block shares: GroupNorm settings, time embedding width,
+/// and the transformers' settings for cross-attention blocks.
+struct unet_block_common {
+    index_t temb_channels = 1280;
+    index_t resnet_groups = 32;
+    double resnet_eps = 1e-5;
+    index_t num_attention_heads = 8;      ///< heads of this block's transformers (dim_head = channels / heads)
+    index_t cross_attention_dim = 768;
+    index_t transformer_layers = 1;       ///< BasicTransformerBlocks per Transformer2DModel
+    bool use_linear_projection = false;
+};
+
+namespace detail {
+
+template <class B, class T>
+blocks::resnet_block<B, T> bind_resnet(weight_binder<B, T> b, const unet_block_common& c, index_t in, index_t out,
+                                       double output_scale_factor = 1.0) {
+    return blocks::resnet_block<B, T>::bind(b, {.in_channels = in, .out_channels = out, .temb_channels = c.temb_channels,
+                                                .groups = c.resnet_groups, .eps = c.resnet_eps, .output_scale_factor = output_scale_factor});
+}
+
+/// Binds attentions.<i> of a block; `layer` counts processor indices across the UNet.
+template <class B, class T>
+transformer_2d<B, T> bind_transformer(weight_binder<B, T> b, const unet_block_common& c, index_t channels, index_t i, index_t& layer,
+                                      const std::string& block_name) {
+    check<value_error>(c.num_attention_heads > 0 && channels % c.num_attention_heads == 0, "unet", block_name, ": ", channels,
+                       " channels are not divisible into ", c.num_attention_heads, " heads");
+    const typename transformer_2d<B, T>::config tc{.num_attention_heads = c.num_attention_heads,
+                                                   .attention_head_dim = channels / c.num_attention_heads,
+                                                   .in_channels = channels, .num_layers = c.transformer_layers,
+                                                   .cross_attention_dim = c.cross_attention_dim, .norm_num_groups = c.resnet_groups,
+                                                   .use_linear_projection = c.use_linear_projection};
+    auto t = transformer_2d<B, T>::bind(b.scope("attentions", i), tc, layer, block_name + "attentions." + std::to_string(i) + ".");
+    layer += t.attention_layer_count();
+    return t;
+}
+
+}  // namespace detail
+
+/// diffusers Downsample2D with use_conv (padding 1): a 3x3 stride-2 convolution.
+template <class B, class T = float>
+    requires computes_in<B, T>
+struct downsample_2d {
+    conv2d_layer<B, T> conv;
+
+    static downsample_2d bind(weight_binder<B, T> b, index_t channels) {
+        return {conv2d_layer<B, T>::bind(b, "conv", channels, channels, 3, {.stride = 2, .padding = 1})};
+    }
+    tensor<B, T> forward(context_t<B>& ctx, const tensor<B, T>& x) const { return conv(ctx, x); }
+};
+
+/// diffusers Upsample2D with use_conv: nearest-neighbour x2, then a 3x3 convolution.
+template <class B, class T = float>
+    requires computes_in<B, T>
+struct upsample_2d {
+    conv2d_layer<B, T> conv;
+
+    static upsample_2d bind(weight_binder<B, T> b, index_t channels) {
+        return {conv2d_layer<B, T>::bind(b, "conv", channels, channels, 3, {.padding = 1})};
+    }
+    tensor<B, T> forward(context_t<B>& ctx, const tensor<B, T>& x) const { return conv(ctx, ops::upsample_nearest(ctx, x, 2)); }
+};
+
+/// CrossAttnDownBlock2D (has_cross_attention) or DownBlock2D.
+template <class B, class T = float>
+    requires computes_in<B, T>
+class down_block {
+public:
+    struct config {
+        index_t in_channels = 320, out_channels = 320, num_layers = 2;
+        bool has_cross_attention = true;
+        bool add_downsample = true;
+        unet_block_common common{};
+    };
+    using tensor_type = tensor<B, T>;
+
+    down_block() = default;
+
+    /// `layer` is the next free processor index; advanced past this block's attention layers.
+    static down_block bind(weight_binder<B, T> b, const config& c, index_t& layer, const std::string& name) {
+        down_block d;
+        d.config_ = c;
+        for (index_t i = 0; i < c.num_layers; ++i) {
+            d.resnets_.push_back(detail::bind_resnet(b.scope("resnets", i), c.common, i == 0 ? c.in_channels : c.out_channels, c.out_channels));
+            if (c.has_cross_attention) d.attentions_.push_back(detail::bind_transformer(b, c.common, c.out_channels, i, layer, name));
+        }
+        if (c.add_downsample) d.downsampler_ = downsample_2d<B, T>::bind(b.scope("downsamplers.0"), c.out_channels);
+        return d;
+    }
+
+    const config& settings() const noexcept { return config_; }
+    const std::vector<transformer_2d<B, T>>& transformers() const noexcept { return attentions_; }
+
+    /// Appends this block's outputs to `skips` (diffusers' res_samples) and returns the last.
+    tensor_type forward(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text, std::vector<tensor_type>& skips,
+                        const attention_hooks<B, T>* hooks = nullptr) const {
+        for (std::size_t i = 0; i < resnets_.size(); ++i) {
+            h = resnets_[i].forward(ctx, h, &temb);
+            if (config_.has_cross_attention) h = attentions_[i].forward(ctx, h, text, hooks);
+            skips.push_back(h);
+        }
+        if (config_.add_downsample) {
+            h = downsampler_.forward(ctx, h);
+            skips.push_back(h);
+        }
+        return h;
+    }
+
+private:
+    config config_{};
+    std::vector<blocks::resnet_block<B, T>> resnets_;
+    std::vector<transformer_2d<B, T>> attentions_;
+    downsample_2d<B, T> downsampler_{};
+};
+
+/// UNetMidBlock2DCrossAttn: resnets.0, then (attentions.i, resnets.i+1) for each layer.
+template <class B, class T = float>
+    requires computes_in<B, T>
+class mid_block {
+public:
+    struct config {
+        index_t channels = 1280, num_layers = 1;
+        double output_scale_factor = 1.0;  ///< diffusers' mid_block_scale_factor
+        unet_block_common common{};
+    };
+    using tensor_type = tensor<B, T>;
+
+    mid_block() = default;
+
+    static mid_block bind(weight_binder<B, T> b, const config& c, index_t& layer, const std::string& name) {
+        mid_block m;
+        m.config_ = c;
+        m.resnets_.push_back(detail::bind_resnet(b.scope("resnets", 0), c.common, c.channels, c.channels, c.output_scale_factor));
+        for (index_t i = 0; i < c.num_layers; ++i) {
+            m.attentions_.push_back(detail::bind_transformer(b, c.common, c.channels, i, layer, name));
+            m.resnets_.push_back(detail::bind_resnet(b.scope("resnets", i + 1), c.common, c.channels, c.channels, c.output_scale_factor));
+        }
+        return m;
+    }
+
+    const config& settings() const noexcept { return config_; }
+    const std::vector<transformer_2d<B, T>>& transformers() const noexcept { return attentions_; }
+
+    tensor_type forward(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text,
+                        const attention_hooks<B, T>* hooks = nullptr) const {
+        h = resnets_[0].forward(ctx, h, &temb);
+        for (std::size_t i = 0; i < attentions_.size(); ++i) {
+            h = attentions_[i].forward(ctx, h, text, hooks);
+            h = resnets_[i + 1].forward(ctx, h, &temb);
+        }
+        return h;
+    }
+
+private:
+    config config_{};
+    std::vector<blocks::resnet_block<B, T>> resnets_;
+    std::vector<transformer_2d<B, T>> attentions_;
+};
+
+/// CrossAttnUpBlock2D (has_cross_attention) or UpBlock2D.
+template <class B, class T = float>
+    requires computes_in<B, T>
+class up_block {
+public:
+    struct config {
+        index_t in_channels = 320;           ///< channels of the last skip this block consumes
+        index_t prev_output_channels = 640;  ///< channels arriving from the block below
+        index_t out_channels = 320;
+        index_t num_layers = 3;
+        bool has_cross_attention = true;
+        bool add_upsample = true;
+        unet_block_common common{};
+    };
+    using tensor_type = tensor<B, T>;
+
+    up_block() = default;
+
+    static up_block bind(weight_binder<B, T> b, const config& c, index_t& layer, const std::string& name) {
+        up_block u;
+        u.config_ = c;
+        for (index_t i = 0; i < c.num_layers; ++i) {
+            const index_t skip = i == c.num_layers - 1 ? c.in_channels : c.out_channels;
+            const index_t in = i == 0 ? c.prev_output_channels : c.out_channels;
+            u.resnets_.push_back(detail::bind_resnet(b.scope("resnets", i), c.common, in + skip, c.out_channels));
+            if (c.has_cross_attention) u.attentions_.push_back(detail::bind_transformer(b, c.common, c.out_channels, i, layer, name));
+        }
+        if (c.add_upsample) u.upsampler_ = upsample_2d<B, T>::bind(b.scope("upsamplers.0"), c.out_channels);
+        return u;
+    }
+
+    const config& settings() const noexcept { return config_; }
+    const std::vector<transformer_2d<B, T>>& transformers() const noexcept { return attentions_; }
+
+    /// Consumes num_layers skips from the end of `skips`.
+    tensor_type forward(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text, std::vector<tensor_type>& skips,
+                        const attention_hooks<B, T>* hooks = nullptr) const {
+        for (std::size_t i = 0; i < resnets_.size(); ++i) {
+            check<shape_error>(!skips.empty(), "unet", "up block ran out of skip connections");
+            const auto skip = std::move(skips.back());
+            skips.pop_back();
+            check<shape_error>(skip.dim(2) == h.dim(2) && skip.dim(3) == h.dim(3), "unet", "skip connection ", skip.shape().str(),
+                               " does not match ", h.shape().str(), " (latent sizes must be multiples of 2^(levels - 1))");
+            h = resnets_[i].forward(ctx, ops::concat(ctx, std::vector<tensor_type>{h, skip}, 1), &temb);
+            if (config_.has_cross_attention) h = attentions_[i].forward(ctx, h, text, hooks);
+        }
+        if (config_.add_upsample) h = upsampler_.forward(ctx, h);
+        return h;
+    }
+
+private:
+    config config_{};
+    std::vector<blocks::resnet_block<B, T>> resnets_;
+    std::vector<transformer_2d<B, T>> attentions_;
+    upsample_2d<B, T> upsampler_{};
+};
+
+}  // namespace dynamicid::modules::unet
