@@ -166,7 +166,7 @@ void bm_unet_sd15(benchmark::State& state) {
 
 }  // namespace
 
-BENCHMARK(bm_unet_sd15)->Name("unet_sd15/256x256/cfg_batch2")->Arg(256)->Iterations(1)->UseManualTime()->Unit(benchmark::kSecond);
-BENCHMARK(bm_unet_sd15)->Name("unet_sd15/512x512/cfg_batch2")->Arg(512)->Iterations(1)->UseManualTime()->Unit(benchmark::kSecond);
+BENCHMARK(bm_unet_sd15)->Name("unet_sd15_cfg_batch2/image")->Arg(256)->Iterations(1)->UseManualTime()->Unit(benchmark::kSecond);
+BENCHMARK(bm_unet_sd15)->Name("unet_sd15_cfg_batch2/image")->Arg(512)->Iterations(1)->UseManualTime()->Unit(benchmark::kSecond);
 
 BENCHMARK_MAIN();

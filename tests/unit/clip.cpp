@@ -59,13 +59,6 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<double>& b) {
     return m;
 }
 
-double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-    REQUIRE(a.size() == b.size());
-    double m = 0.0;
-    for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(static_cast<double>(a[i]) - b[i]));
-    return m;
-}
-
 std::vector<std::int64_t> ids_of(const conform::golden_case& g) {
     return g.file().to_vector<std::int64_t>("input.input_ids");
 }
@@ -206,8 +199,13 @@ TEST_CASE("Image resizing equals PIL's, the processor follows CLIPImageProcessor
         const auto pixels = proc.preprocess<cpu_backend>(ctx, image_of(g)).to_host(ctx);
         // PIL's fixed-point resampling, reproduced: only float rounding remains.
         CHECK(max_abs_diff(pixels, g.values("output.pixel_values_pil")) < 1e-5);
-        // transformers' default (torchvision) backend: at most one 8-bit step away.
-        CHECK(max_abs_diff(pixels, g.values("output.pixel_values")) < 2e-2);
+        // transformers' default (torchvision) backend: at most one 8-bit step
+        // away, in under 1% of the values.
+        const auto ref = g.values("output.pixel_values");
+        CHECK(max_abs_diff(pixels, ref) < 2e-2);
+        std::size_t off = 0;
+        for (std::size_t i = 0; i < ref.size(); ++i) off += std::abs(pixels[i] - ref[i]) > 1e-5 ? 1 : 0;
+        CHECK(static_cast<double>(off) < 0.01 * static_cast<double>(ref.size()));
     }
     const clip::image_processor proc;
     CHECK(proc.resized_size(200, 300) == std::array<index_t, 2>{224, 336});

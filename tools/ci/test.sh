@@ -9,4 +9,4 @@ build_dir="${BUILD_DIR:-build}"
 
 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release
 cmake --build "$build_dir" -j"$(nproc)"
-ctest --test-dir "$build_dir" --output-on-failure -j2 -LE long
+ctest --test-dir "$build_dir" --output-on-failure -j2 -LE "long|gpu"

@@ -29,6 +29,7 @@
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
+#include <dynamicid/io/checkpoint.hpp>
 #include <dynamicid/modules/clip/text_model.hpp>
 #include <dynamicid/modules/unet/unet_2d_condition.hpp>
 #include <dynamicid/modules/vae/autoencoder_kl.hpp>
@@ -39,9 +40,11 @@
 #include <dynamicid/text/clip_tokenizer.hpp>
 
 #include <atomic>
+#include <concepts>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <span>
 #include <stop_token>
@@ -106,6 +109,17 @@ struct sd_components {
     modules::clip::text_model<B, T> text_encoder;
     modules::unet::unet_2d_condition<B, T> unet;
     modules::vae::autoencoder_kl<B, T> vae;  ///< the decoder at least
+
+    /// Binds the models of an opened checkpoint (the VAE's decoder only unless
+    /// `vae_parts` says otherwise); the tokenizer comes from the checkpoint's
+    /// tokenizer folder, else CLIP's default vocabulary.
+    static sd_components load(context_t<B>& ctx, const io::sd_checkpoint& ckpt,
+                              modules::vae::vae_parts vae_parts = modules::vae::vae_parts::decoder) {
+        return {ckpt.tokenizer_folder ? text::clip_tokenizer::from_folder(*ckpt.tokenizer_folder) : text::clip_tokenizer::load_default(),
+                modules::clip::text_model<B, T>::load(ctx, ckpt.text_encoder_weights(), ckpt.text_encoder),
+                modules::unet::unet_2d_condition<B, T>::load(ctx, ckpt.unet_weights(), ckpt.unet),
+                modules::vae::autoencoder_kl<B, T>::load(ctx, ckpt.vae_weights(), ckpt.vae, vae_parts)};
+    }
 };
 
 /// Stable Diffusion 1.x text-to-image over any sampler (DDIM by default).
@@ -131,6 +145,24 @@ public:
                            "pipeline", "the VAE's latent_channels ", models_.vae.settings().latent_channels,
                            " differ from the UNet's in/out channels ", models_.unet.settings().in_channels, "/",
                            models_.unet.settings().out_channels);
+    }
+
+    /// Opens `path` (a diffusers folder or an original single .safetensors
+    /// file) and binds its models, with a DDIM sampler built from the
+    /// checkpoint's scheduler config.
+    static text_to_image load(context_t<B>& ctx, const std::filesystem::path& path, const io::sd_checkpoint_options& options = {})
+        requires std::same_as<Sampler, schedulers::ddim_scheduler>
+    {
+        return load(ctx, io::sd_checkpoint::open(path, options));
+    }
+    static text_to_image load(context_t<B>& ctx, const io::sd_checkpoint& ckpt)
+        requires std::same_as<Sampler, schedulers::ddim_scheduler>
+    {
+        return text_to_image(components_type::load(ctx, ckpt), schedulers::ddim_scheduler::from_json(ckpt.scheduler_config));
+    }
+    /// The same with the caller's sampler.
+    static text_to_image load(context_t<B>& ctx, const io::sd_checkpoint& ckpt, Sampler sampler) {
+        return text_to_image(components_type::load(ctx, ckpt), std::move(sampler));
     }
 
     const components_type& models() const noexcept { return models_; }

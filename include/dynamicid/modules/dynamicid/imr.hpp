@@ -53,7 +53,7 @@ struct imr_config {
     index_t embedding_dim = 768;   ///< identity token and landmark feature width
     index_t txt_dim = 768;         ///< face prompt embedding width
     index_t ff_mult = 4;
-    std::optional<index_t> disentangle_depth, entangle_depth;  ///< none: counted from the weights
+    std::optional<index_t> disentangle_depth{}, entangle_depth{};  ///< none: counted from the weights
     double layer_norm_eps = 1e-5;
 };
 

@@ -191,17 +191,17 @@ struct activation_record {
 /// Per-call controls of saa_processor (the released processor's attributes).
 struct saa_controls {
     index_t id_num = 1;                ///< identities in the encoder states
-    std::vector<box> boxes;            ///< one per identity (or one, for ID mixing); empty: vertical strips
+    std::vector<box> boxes{};          ///< one per identity (or one, for ID mixing); empty: vertical strips
     bool activate_query = true;        ///< gating; false: w' = 1, no masking, no mixing
     double infer_scale = 4.0;          ///< beta of the layout boost (the paper uses 2 for several identities)
     index_t infer_end = 3;             ///< boost while step < infer_end
     index_t step = 0;                  ///< this layer's call index (once per UNet evaluation)
-    std::optional<double> mix_scale;   ///< needed with one box and several identities
+    std::optional<double> mix_scale{}; ///< needed with one box and several identities
     double id_scale = 1.0;             ///< weight of the identity branch
-    std::optional<index_t> root_width, root_height;  ///< image size for non-square grids
-    std::optional<index_t> text_tokens;  ///< when set, the text token count must equal it
+    std::optional<index_t> root_width{}, root_height{};  ///< image size for non-square grids
+    std::optional<index_t> text_tokens{};  ///< when set, the text token count must equal it
     double threshold = 0.3;            ///< activation weights below it are zeroed
-    std::function<void(const activation_record&)> on_activation;  ///< called once per gated forward
+    std::function<void(const activation_record&)> on_activation{};  ///< called once per gated forward
 };
 
 // ---- weights ------------------------------------------------------------------
@@ -234,7 +234,7 @@ struct lora_layer {
 struct lora_attention_config {
     index_t heads = 8;                    ///< attention heads (SD1.5: 8 at every level)
     double lora_scale = 1.0;              ///< the released lora_scale
-    std::optional<double> network_alpha;  ///< diffusers' LoRA alpha: scale alpha / rank; none = 1
+    std::optional<double> network_alpha{};  ///< diffusers' LoRA alpha: scale alpha / rank; none = 1
 };
 
 /// The base attention's projections plus their LoRA adapters.
@@ -399,7 +399,7 @@ struct saa_config {
     index_t heads = 8;                    ///< attention heads
     index_t tokens_per_id = 4;            ///< identity tokens per identity (ProjPlusModel num_tokens)
     double lora_scale = 1.0;
-    std::optional<double> network_alpha;  ///< LoRA alpha (scale alpha / rank); none = 1
+    std::optional<double> network_alpha{};  ///< LoRA alpha (scale alpha / rank); none = 1
 };
 
 /// The released SAAProcessor (attn2): cross-attention with LoRA plus the

@@ -1,0 +1,499 @@
+// dynamicid: the CUDA backend (header-only; compile the including file with nvcc).
+//
+// GEMM runs on cuBLAS and convolutions on cuDNN; every other primitive is a
+// kernel of this backend. f32, f16 and bf16 are computed natively; f16/bf16
+// multiply on tensor cores and accumulate in f32 (f32 GEMM and convolution stay
+// in full f32 unless the context allows TF32). There is no f64: the device's
+// f64 log/sin/cos are not correctly rounded, so f64 Philox normals could not
+// match the other backends bit for bit, and most GPUs run f64 slowly. Attention is
+// fused (has_fused_attention): a flash-attention style tensor-core kernel for
+// f16/bf16 with head dimension 40, 64, 80 or 160, a warp-per-row kernel for
+// the rest. Random numbers are the library's Philox streams, bit for bit the
+// CPU backend's.
+//
+// All work of a context is queued on its stream; nothing waits for the device
+// except copy_to_host (whose caller then synchronises) and synchronize().
+// Device memory comes from the context's caching allocator and goes back to it
+// when a buffer dies; cached blocks are released with the last context or
+// buffer using them. Errors of the CUDA runtime, cuBLAS and cuDNN are thrown
+// as dynamicid::cuda_error ("[cuda] ...").
+//
+//     #include <dynamicid/backends/cuda.cuh>      // in a .cu file
+//     dynamicid::cuda_backend::context ctx;      // its own stream; {.allow_tf32 = true} to trade f32 accuracy for speed
+//     auto x = dynamicid::ops::randn<dynamicid::cuda_backend, dynamicid::half>(ctx, {2, 4, 64, 64}, 42);
+//     std::vector<dynamicid::half> host = x.to_host(ctx);
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "dynamicid/backends/cuda.cuh must be compiled by a CUDA compiler (nvcc): include it from a .cu file"
+#endif
+
+#include <dynamicid/backends/cuda/detail/attention.cuh>
+#include <dynamicid/backends/cuda/detail/blas.cuh>
+#include <dynamicid/backends/cuda/detail/common.cuh>
+#include <dynamicid/backends/cuda/detail/context.cuh>
+#include <dynamicid/backends/cuda/detail/memory.cuh>
+#include <dynamicid/backends/cuda/detail/norm.cuh>
+#include <dynamicid/backends/cuda/detail/pointwise.cuh>
+#include <dynamicid/core/backend.hpp>
+#include <dynamicid/core/error.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+
+namespace dynamicid {
+
+/// The CUDA backend. Stateless; all state lives in the context.
+struct cuda_backend {
+    /// Per-call state: a stream, lazily created cuBLAS/cuDNN handles, the
+    /// caching allocator and the convolution plans. Copies share all of it (and
+    /// so the stream). The device is the one current when the context is first
+    /// used. One host thread at a time per context.
+    struct context {
+        /// Allow TF32 tensor cores for f32 GEMM and convolution (about 1e-3 relative error).
+        bool allow_tf32 = false;
+        /// Stream to queue work on; null makes the context create its own.
+        cudaStream_t stream = nullptr;
+        /// Internal; created on first use.
+        std::shared_ptr<cuda::detail::context_state> state_ = {};
+
+        cuda::detail::context_state& state() {
+            if (!state_) state_ = std::make_shared<cuda::detail::context_state>(stream);
+            return *state_;
+        }
+        cudaStream_t queue() { return state().stream(); }
+    };
+
+    template <class T> using pointer = T*;
+    template <class T> using const_pointer = const T*;
+    template <class T> using buffer = cuda::detail::device_buffer<T>;
+
+    /// Completion marker of the work queued so far (has_async_events).
+    struct event {
+        std::shared_ptr<CUevent_st> handle;
+    };
+
+    static constexpr const char* name() { return "cuda"; }
+
+    // ---- memory -------------------------------------------------------------
+
+    template <class T>
+        requires(!std::is_same_v<T, double>)
+    static buffer<T> allocate(context& ctx, std::size_t n) { return buffer<T>(ctx.state().pool(), n); }
+
+    template <class T>
+    static void copy_to_host(context& ctx, const T* src, T* host, std::size_t n) {
+        if (n) cuda::detail::check_cuda(cudaMemcpyAsync(host, src, n * sizeof(T), cudaMemcpyDeviceToHost, ctx.queue()), "cudaMemcpyAsync (to host)");
+    }
+    /// Returns once `host` may be reused (the runtime stages pageable memory).
+    template <class T>
+    static void copy_from_host(context& ctx, const T* host, T* dst, std::size_t n) {
+        if (n) cuda::detail::check_cuda(cudaMemcpyAsync(dst, host, n * sizeof(T), cudaMemcpyHostToDevice, ctx.queue()), "cudaMemcpyAsync (from host)");
+    }
+    template <class T>
+    static void copy(context& ctx, const T* src, T* dst, std::size_t n) {
+        if (n && src != dst)
+            cuda::detail::check_cuda(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice, ctx.queue()), "cudaMemcpyAsync (device)");
+    }
+    template <class T>
+    static void fill(context& ctx, T* dst, std::size_t n, T value) {
+        if (!n) return;
+        const auto count = static_cast<index_t>(n);
+        cuda::detail::fill_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(dst, count, value);
+        cuda::detail::check_launch("fill_kernel");
+    }
+
+    template <class From, class To>
+    static void convert(context& ctx, const From* src, To* dst, std::size_t n) {
+        if (!n) return;
+        const auto count = static_cast<index_t>(n);
+        cuda::detail::convert_kernel<From, To><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(src, dst, count);
+        cuda::detail::check_launch("convert_kernel");
+    }
+
+    /// Waits for everything queued on the context and reports asynchronous errors.
+    static void synchronize(context& ctx) {
+        if (ctx.state_) cuda::detail::check_cuda(cudaStreamSynchronize(ctx.state_->stream()), "cudaStreamSynchronize");
+    }
+
+    static event record_event(context& ctx) {
+        cudaEvent_t e = nullptr;
+        cuda::detail::check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+        event out{std::shared_ptr<CUevent_st>(e, [](cudaEvent_t p) { (void)cudaEventDestroy(p); })};
+        cuda::detail::check_cuda(cudaEventRecord(e, ctx.queue()), "cudaEventRecord");
+        return out;
+    }
+    /// Later work on ctx waits for `e` (on the device; the host does not block).
+    static void wait_event(context& ctx, const event& e) {
+        if (e.handle) cuda::detail::check_cuda(cudaStreamWaitEvent(ctx.queue(), e.handle.get(), 0), "cudaStreamWaitEvent");
+    }
+
+    /// Device bytes the context's allocator holds (in use plus cached), and frees the cached ones.
+    static std::size_t allocated_bytes(context& ctx) { return ctx.state().pool()->allocated_bytes(); }
+    static void release_cached(context& ctx) {
+        synchronize(ctx);
+        ctx.state().pool()->release_cached();
+    }
+
+    // ---- linear algebra -----------------------------------------------------
+
+    template <class T>
+    static void gemm(context& ctx, const gemm_desc& d, const T* a, const T* b, T* c) {
+        cuda::detail::gemm<T>(ctx.state(), ctx.allow_tf32, d, a, b, c);
+    }
+
+    template <class T>
+    static void conv2d_forward(context& ctx, const conv2d_desc& d, const T* x, const T* w, const T* bias, T* y) {
+        cuda::detail::conv2d_forward<T>(ctx.state(), ctx.allow_tf32, d, x, w, bias, y);
+    }
+    template <class T>
+    static void conv2d_backward_data(context& ctx, const conv2d_desc& d, const T* w, const T* dy, T* dx) {
+        cuda::detail::conv2d_backward_data<T>(ctx.state(), ctx.allow_tf32, d, w, dy, dx);
+    }
+    /// dw and dbias may be null (frozen weight, no bias).
+    template <class T>
+    static void conv2d_backward_weight(context& ctx, const conv2d_desc& d, const T* x, const T* dy, T* dw, T* dbias) {
+        cuda::detail::conv2d_backward_weight<T>(ctx.state(), ctx.allow_tf32, d, x, dy, dw, dbias);
+    }
+
+    // ---- attention (has_fused_attention) ------------------------------------
+
+    /// out (batch, lq, dv) = softmax(scale q k^T) v for q (batch, lq, d), k (batch, lk, d), v (batch, lk, dv).
+    template <class T>
+    static void attention_forward(context& ctx, index_t batch, index_t lq, index_t lk, index_t d, index_t dv, double scale, const T* q,
+                                  const T* k, const T* v, T* out) {
+        if (batch <= 0 || lq <= 0 || dv <= 0) return;
+        auto& state = ctx.state();
+        if (cuda::detail::fused_attention<T>(state.stream(), state.compute_major() >= 8, batch, lq, lk, d, dv, scale, q, k, v, out))
+            return;
+        // Sizes the fused kernels do not cover (dv > 256, very long d): gemm +
+        // softmax + gemm on slices of the batch small enough for their scores.
+        const index_t per_entry = std::max<index_t>(1, lq * lk);
+        const index_t slice = std::clamp<index_t>((index_t{1} << 26) / per_entry, 1, batch);
+        auto scores = allocate<T>(ctx, static_cast<std::size_t>(slice * per_entry));
+        for (index_t b0 = 0; b0 < batch; b0 += slice) {
+            const index_t count = std::min(slice, batch - b0);
+            gemm<T>(ctx, gemm_desc{.batch = count, .m = lq, .n = lk, .k = d, .trans_b = true, .lda = d, .ldb = d, .ldc = lk,
+                                   .stride_a = lq * d, .stride_b = lk * d, .stride_c = lq * lk, .alpha = scale},
+                    q + b0 * lq * d, k + b0 * lk * d, scores.data());
+            softmax_forward<T>(ctx, softmax_desc{.rows = count * lq, .cols = lk}, scores.data(), scores.data());
+            gemm<T>(ctx, gemm_desc{.batch = count, .m = lq, .n = dv, .k = lk, .lda = lk, .ldb = dv, .ldc = dv, .stride_a = lq * lk,
+                                   .stride_b = lk * dv, .stride_c = lq * dv},
+                    scores.data(), v + b0 * lk * dv, out + b0 * lq * dv);
+        }
+    }
+
+    // ---- normalisation ------------------------------------------------------
+
+    template <class T>
+    static void group_norm_forward(context& ctx, const group_norm_desc& d, const T* x, const T* gamma, const T* beta, T* y,
+                                   accum_t<T>* mean, accum_t<T>* rstd) {
+        check<value_error>(d.groups > 0 && d.c % d.groups == 0, "cuda", "group_norm: ", d.c, " channels in ", d.groups, " groups");
+        const index_t cg = d.c / d.groups;
+        const cuda::detail::norm_layout layout{.groups = d.groups, .cg = cg, .spatial = d.spatial};
+        normalise_forward(ctx, layout, d.n * d.groups, cg * d.spatial, d.eps, x, gamma, beta, y, mean, rstd);
+    }
+    template <class T>
+    static void group_norm_backward(context& ctx, const group_norm_desc& d, const T* x, const T* gamma, const accum_t<T>* mean,
+                                    const accum_t<T>* rstd, const T* dy, T* dx, T* dgamma, T* dbeta) {
+        check<value_error>(d.groups > 0 && d.c % d.groups == 0, "cuda", "group_norm: ", d.c, " channels in ", d.groups, " groups");
+        const index_t cg = d.c / d.groups, segments = d.n * d.groups;
+        const cuda::detail::norm_layout layout{.groups = d.groups, .cg = cg, .spatial = d.spatial};
+        normalise_backward_data(ctx, layout, segments, cg * d.spatial, x, gamma, mean, rstd, dy, dx);
+        if ((dgamma || dbeta) && d.c > 0) {
+            cuda::detail::group_norm_affine_grad_kernel<T><<<static_cast<unsigned>(d.c), 256, 0, ctx.queue()>>>(
+                d.n, d.c, d.spatial, d.groups, x, mean, rstd, dy, dgamma, dbeta);
+            cuda::detail::check_launch("group_norm_affine_grad_kernel");
+        }
+    }
+    template <class T>
+    static void layer_norm_forward(context& ctx, const layer_norm_desc& d, const T* x, const T* gamma, const T* beta, T* y,
+                                   accum_t<T>* mean, accum_t<T>* rstd) {
+        normalise_forward(ctx, cuda::detail::norm_layout{}, d.rows, d.cols, d.eps, x, gamma, beta, y, mean, rstd);
+    }
+    template <class T>
+    static void layer_norm_backward(context& ctx, const layer_norm_desc& d, const T* x, const T* gamma, const accum_t<T>* mean,
+                                    const accum_t<T>* rstd, const T* dy, T* dx, T* dgamma, T* dbeta) {
+        normalise_backward_data(ctx, cuda::detail::norm_layout{}, d.rows, d.cols, x, gamma, mean, rstd, dy, dx);
+        if ((dgamma || dbeta) && d.cols > 0) {
+            cuda::detail::layer_norm_affine_grad_kernel<T><<<cuda::detail::grid_for(d.cols), cuda::detail::block_threads, 0, ctx.queue()>>>(
+                d.rows, d.cols, x, mean, rstd, dy, dgamma, dbeta);
+            cuda::detail::check_launch("layer_norm_affine_grad_kernel");
+        }
+    }
+
+    // ---- pointwise ----------------------------------------------------------
+
+    template <class T>
+    static void softmax_forward(context& ctx, const softmax_desc& d, const T* x, T* y) {
+        if (d.rows <= 0 || d.cols <= 0) return;
+        cuda::detail::softmax_forward_kernel<T><<<row_grid(d.rows), row_threads(d.cols), 0, ctx.queue()>>>(d.rows, d.cols, x, y);
+        cuda::detail::check_launch("softmax_forward_kernel");
+    }
+    template <class T>
+    static void softmax_backward(context& ctx, const softmax_desc& d, const T* y, const T* dy, T* dx) {
+        if (d.rows <= 0 || d.cols <= 0) return;
+        cuda::detail::softmax_backward_kernel<T><<<row_grid(d.rows), row_threads(d.cols), 0, ctx.queue()>>>(d.rows, d.cols, y, dy, dx);
+        cuda::detail::check_launch("softmax_backward_kernel");
+    }
+
+    template <class T>
+    static void unary_forward(context& ctx, unary_op op, std::size_t n, const T* x, T* y) {
+        if (!n) return;
+        const auto count = static_cast<index_t>(n);
+        cuda::detail::unary_forward_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(op, count, x, y);
+        cuda::detail::check_launch("unary_forward_kernel");
+    }
+    /// dx = dy * f'(x), x being the forward's input.
+    template <class T>
+    static void unary_backward(context& ctx, unary_op op, std::size_t n, const T* x, const T* dy, T* dx) {
+        if (!n) return;
+        const auto count = static_cast<index_t>(n);
+        cuda::detail::unary_backward_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(op, count, x, dy, dx);
+        cuda::detail::check_launch("unary_backward_kernel");
+    }
+
+    template <class T>
+    static void geglu_forward(context& ctx, const geglu_desc& d, const T* x, T* y) {
+        const index_t count = d.rows * d.cols;
+        if (count <= 0) return;
+        cuda::detail::geglu_forward_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(d.rows, d.cols, x, y);
+        cuda::detail::check_launch("geglu_forward_kernel");
+    }
+    template <class T>
+    static void geglu_backward(context& ctx, const geglu_desc& d, const T* x, const T* dy, T* dx) {
+        const index_t count = d.rows * d.cols;
+        if (count <= 0) return;
+        cuda::detail::geglu_backward_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(d.rows, d.cols, x, dy, dx);
+        cuda::detail::check_launch("geglu_backward_kernel");
+    }
+
+    template <class T>
+    static void binary_forward(context& ctx, binary_op op, const binary_desc& d, const T* a, const T* b, T* y) {
+        const auto box = cuda::detail::coalesce(binary_box(d), 3);
+        const index_t n = cuda::detail::box_numel(box);
+        if (n <= 0 || numel(d.rank, d.shape) == 0) return;
+        cuda::detail::binary_forward_kernel<T><<<cuda::detail::grid_for(n), cuda::detail::block_threads, 0, ctx.queue()>>>(op, box, n, a, b, y);
+        cuda::detail::check_launch("binary_forward_kernel");
+    }
+    /// da, db (either may be null) have the layouts of a and b; broadcast axes are summed.
+    template <class T>
+    static void binary_backward(context& ctx, binary_op op, const binary_desc& d, const T* a, const T* b, const T* dy, T* da, T* db) {
+        if (numel(d.rank, d.shape) == 0) return;
+        const auto box = binary_box(d);
+        for (int which = 0; which < 2; ++which) {
+            T* grad = which == 0 ? da : db;
+            if (!grad) continue;
+            const auto& strides = which == 0 ? d.a_strides : d.b_strides;
+            std::array<bool, max_rank> inner{};
+            for (int axis = 0; axis < d.rank; ++axis) {
+                const auto i = static_cast<std::size_t>(axis);
+                inner[i] = strides[i] == 0 && d.shape[i] > 1;
+            }
+            cuda::detail::strided_box outer_part, inner_part;
+            cuda::detail::split_box(box, inner, outer_part, inner_part);
+            outer_part = cuda::detail::coalesce(outer_part, 3);
+            inner_part = cuda::detail::coalesce(inner_part, 3);
+            const index_t n_outer = cuda::detail::box_numel(outer_part), n_inner = cuda::detail::box_numel(inner_part);
+            cuda::detail::binary_backward_kernel<T><<<cuda::detail::grid_for(n_outer), cuda::detail::block_threads, 0, ctx.queue()>>>(
+                op, which, outer_part, inner_part, n_outer, n_inner, a, b, dy, grad);
+            cuda::detail::check_launch("binary_backward_kernel");
+        }
+    }
+
+    /// y = alpha * x + beta * y (y is not read when beta == 0).
+    template <class T>
+    static void axpby(context& ctx, std::size_t n, double alpha, const T* x, double beta, T* y) {
+        if (!n) return;
+        using A = accum_t<T>;
+        const auto count = static_cast<index_t>(n);
+        cuda::detail::axpby_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(
+            count, static_cast<A>(alpha), x, static_cast<A>(beta), y);
+        cuda::detail::check_launch("axpby_kernel");
+    }
+
+    // ---- reductions and data movement ---------------------------------------
+
+    template <class T>
+    static void reduce_forward(context& ctx, const reduce_desc& d, const T* x, T* y) {
+        using A = accum_t<T>;
+        if (numel(d.rank, d.shape) == 0) {  // an empty reduction: zeros (or nothing to write)
+            auto out_shape = d.shape;
+            for (int a = 0; a < d.rank; ++a)
+                if (d.reduce[static_cast<std::size_t>(a)]) out_shape[static_cast<std::size_t>(a)] = 1;
+            fill(ctx, y, static_cast<std::size_t>(numel(d.rank, out_shape)), element_cast<T>(0.0f));
+            return;
+        }
+        cuda::detail::strided_box box, outer_part, inner_part;
+        box.rank = d.rank;
+        box.shape = d.shape;
+        box.strides[0] = cuda::detail::contiguous_strides(d.rank, d.shape);
+        auto out_shape = d.shape;
+        index_t count = 1;
+        for (int a = 0; a < d.rank; ++a) {
+            const auto i = static_cast<std::size_t>(a);
+            if (d.reduce[i]) {
+                out_shape[i] = 1;
+                count *= d.shape[i];
+            }
+        }
+        box.strides[1] = cuda::detail::contiguous_strides(d.rank, out_shape);
+        for (int a = 0; a < d.rank; ++a)
+            if (d.reduce[static_cast<std::size_t>(a)]) box.strides[1][static_cast<std::size_t>(a)] = 0;
+        cuda::detail::split_box(box, d.reduce, outer_part, inner_part);
+        outer_part = cuda::detail::coalesce(outer_part, 2);
+        inner_part = cuda::detail::coalesce(inner_part, 2);
+        const index_t n_outer = cuda::detail::box_numel(outer_part), n_inner = cuda::detail::box_numel(inner_part);
+        const A scale = d.mean ? A(1) / static_cast<A>(count) : A(1);
+        if (n_inner >= 512 && n_outer <= 0x7fffffff) {  // long reductions: a block per output
+            cuda::detail::reduce_block_kernel<T><<<static_cast<unsigned>(n_outer), cuda::detail::block_threads, 0, ctx.queue()>>>(
+                outer_part, inner_part, n_inner, scale, x, y);
+            cuda::detail::check_launch("reduce_block_kernel");
+        } else {
+            cuda::detail::reduce_thread_kernel<T><<<cuda::detail::grid_for(n_outer), cuda::detail::block_threads, 0, ctx.queue()>>>(
+                outer_part, inner_part, n_outer, n_inner, scale, x, y);
+            cuda::detail::check_launch("reduce_thread_kernel");
+        }
+    }
+    template <class T>
+    static void reduce_backward(context& ctx, const reduce_desc& d, const T* dy, T* dx) {
+        using A = accum_t<T>;
+        const index_t n = numel(d.rank, d.shape);
+        if (n == 0) return;
+        auto out_shape = d.shape;
+        index_t count = 1;
+        for (int a = 0; a < d.rank; ++a)
+            if (d.reduce[static_cast<std::size_t>(a)]) {
+                out_shape[static_cast<std::size_t>(a)] = 1;
+                count *= d.shape[static_cast<std::size_t>(a)];
+            }
+        cuda::detail::strided_box box;
+        box.rank = d.rank;
+        box.shape = d.shape;
+        box.strides[0] = cuda::detail::contiguous_strides(d.rank, d.shape);
+        box.strides[1] = cuda::detail::contiguous_strides(d.rank, out_shape);
+        for (int a = 0; a < d.rank; ++a)
+            if (d.reduce[static_cast<std::size_t>(a)]) box.strides[1][static_cast<std::size_t>(a)] = 0;
+        box = cuda::detail::coalesce(box, 2);
+        const A scale = d.mean ? A(1) / static_cast<A>(count) : A(1);
+        cuda::detail::broadcast_scaled_kernel<T><<<cuda::detail::grid_for(n), cuda::detail::block_threads, 0, ctx.queue()>>>(box, n, scale, dy, dx);
+        cuda::detail::check_launch("broadcast_scaled_kernel");
+    }
+
+    /// dst[box] = src[box] (or += when accumulate), both read through strides.
+    template <class T>
+    static void strided_copy(context& ctx, const strided_copy_desc& d, const T* src, T* dst, bool accumulate) {
+        if (numel(d.rank, d.shape) == 0) return;
+        cuda::detail::strided_box box;
+        box.rank = d.rank;
+        box.shape = d.shape;
+        box.strides[0] = d.src_strides;
+        box.strides[1] = d.dst_strides;
+        std::array<bool, max_rank> repeated{};
+        bool any_repeated = false;
+        for (int a = 0; a < d.rank; ++a) {
+            const auto i = static_cast<std::size_t>(a);
+            repeated[i] = d.dst_strides[i] == 0 && d.shape[i] > 1;
+            any_repeated = any_repeated || repeated[i];
+        }
+        if (accumulate && any_repeated) {  // several sources add into one destination: one owner thread each
+            cuda::detail::strided_box outer_part, inner_part;
+            cuda::detail::split_box(box, repeated, outer_part, inner_part);
+            outer_part = cuda::detail::coalesce(outer_part, 2);
+            inner_part = cuda::detail::coalesce(inner_part, 2);
+            const index_t n_outer = cuda::detail::box_numel(outer_part), n_inner = cuda::detail::box_numel(inner_part);
+            cuda::detail::strided_accumulate_kernel<T><<<cuda::detail::grid_for(n_outer), cuda::detail::block_threads, 0, ctx.queue()>>>(
+                outer_part, inner_part, n_outer, n_inner, src, dst);
+            cuda::detail::check_launch("strided_accumulate_kernel");
+            return;
+        }
+        box = cuda::detail::coalesce(box, 2);
+        const index_t n = cuda::detail::box_numel(box);
+        cuda::detail::strided_copy_kernel<T><<<cuda::detail::grid_for(n), cuda::detail::block_threads, 0, ctx.queue()>>>(box, n, src, dst, accumulate);
+        cuda::detail::check_launch("strided_copy_kernel");
+    }
+
+    template <class T>
+    static void upsample_nearest_forward(context& ctx, const upsample_desc& d, const T* x, T* y) {
+        const index_t n = d.n * d.c * d.h * d.w * d.factor * d.factor;
+        if (n <= 0) return;
+        cuda::detail::upsample_forward_kernel<T><<<cuda::detail::grid_for(n), cuda::detail::block_threads, 0, ctx.queue()>>>(
+            d.n * d.c, d.h, d.w, d.factor, x, y);
+        cuda::detail::check_launch("upsample_forward_kernel");
+    }
+    template <class T>
+    static void upsample_nearest_backward(context& ctx, const upsample_desc& d, const T* dy, T* dx) {
+        const index_t n = d.n * d.c * d.h * d.w;
+        if (n <= 0) return;
+        cuda::detail::upsample_backward_kernel<T><<<cuda::detail::grid_for(n), cuda::detail::block_threads, 0, ctx.queue()>>>(
+            d.n * d.c, d.h, d.w, d.factor, dy, dx);
+        cuda::detail::check_launch("upsample_backward_kernel");
+    }
+
+    // ---- random numbers (Philox4x32-10; identical on every backend) ---------
+
+    template <class T>
+    static void random_uniform(context& ctx, std::uint64_t seed, std::uint64_t offset, std::size_t n, T* y) {
+        if (!n) return;
+        const auto count = static_cast<index_t>(n);
+        cuda::detail::random_uniform_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(seed, offset, count, y);
+        cuda::detail::check_launch("random_uniform_kernel");
+    }
+    template <class T>
+    static void random_normal(context& ctx, std::uint64_t seed, std::uint64_t offset, std::size_t n, T* y) {
+        if (!n) return;
+        const auto count = static_cast<index_t>(n);
+        cuda::detail::random_normal_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(seed, offset, count, y);
+        cuda::detail::check_launch("random_normal_kernel");
+    }
+
+private:
+    static index_t numel(int rank, const std::array<index_t, max_rank>& shape) {
+        index_t n = 1;
+        for (int a = 0; a < rank; ++a) n *= shape[static_cast<std::size_t>(a)];
+        return n;
+    }
+    static cuda::detail::strided_box binary_box(const binary_desc& d) {
+        cuda::detail::strided_box box;
+        box.rank = d.rank;
+        box.shape = d.shape;
+        box.strides[0] = cuda::detail::contiguous_strides(d.rank, d.shape);
+        box.strides[1] = d.a_strides;
+        box.strides[2] = d.b_strides;
+        return box;
+    }
+    static unsigned row_grid(index_t rows) { return static_cast<unsigned>(std::min<index_t>(rows, index_t{1} << 20)); }
+    static unsigned row_threads(index_t cols) { return cols >= 1024 ? 256 : (cols >= 128 ? 128 : 64); }
+
+    template <class T>
+    static void normalise_forward(context& ctx, const cuda::detail::norm_layout& layout, index_t segments, index_t len, double eps, const T* x,
+                                  const T* gamma, const T* beta, T* y, accum_t<T>* mean, accum_t<T>* rstd) {
+        if (segments <= 0 || len <= 0) return;
+        cuda::detail::normalise_forward_kernel<T><<<row_grid(segments), len >= 8192 ? 512 : row_threads(len), 0, ctx.queue()>>>(
+            layout, segments, len, eps, x, gamma, beta, y, mean, rstd);
+        cuda::detail::check_launch("normalise_forward_kernel");
+    }
+    template <class T>
+    static void normalise_backward_data(context& ctx, const cuda::detail::norm_layout& layout, index_t segments, index_t len, const T* x,
+                                        const T* gamma, const accum_t<T>* mean, const accum_t<T>* rstd, const T* dy, T* dx) {
+        if (!dx || segments <= 0 || len <= 0) return;
+        cuda::detail::normalise_backward_data_kernel<T><<<row_grid(segments), len >= 8192 ? 512 : row_threads(len), 0, ctx.queue()>>>(
+            layout, segments, len, x, gamma, mean, rstd, dy, dx);
+        cuda::detail::check_launch("normalise_backward_data_kernel");
+    }
+};
+
+template <>
+inline constexpr bool enable_backend<cuda_backend> = true;
+
+static_assert(backend<cuda_backend>, "cuda_backend must model dynamicid::backend");
+static_assert(supports_element<cuda_backend, half> && supports_element<cuda_backend, bfloat16>);
+static_assert(!supports_element<cuda_backend, double>);
+static_assert(has_fused_attention<cuda_backend, float> && has_fused_attention<cuda_backend, half> &&
+              has_fused_attention<cuda_backend, bfloat16>);
+static_assert(has_async_events<cuda_backend>);
+
+}  // namespace dynamicid

@@ -1,0 +1,124 @@
+// The backend test matrix on the CUDA backend, plus what only the CUDA
+// backend has: the fused attention kernels, the caching allocator, events and
+// error translation.
+#include <matrix/all.hpp>
+
+#include <dynamicid/backends/cuda.cuh>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#define DYNAMICID_CUDA_CASE(body, what) \
+    TEST_CASE("cuda: " what, "[matrix][cuda]") { dynamicid::matrix::body<dynamicid::cuda_backend>(); }
+
+DYNAMICID_MATRIX_BODIES(DYNAMICID_CUDA_CASE)
+
+namespace {
+
+using dynamicid::cuda_backend;
+using dynamicid::index_t;
+using dynamicid::tensor;
+namespace ops = dynamicid::ops;
+namespace testing = dynamicid::testing;
+
+/// Fused attention in H (tensor-core kernel where d is 40/64/80/160) against
+/// the composed gemm + softmax + gemm path in f32 on the same rounded inputs.
+template <class H>
+void check_fused_attention(index_t batch, index_t lq, index_t lk, index_t d, double rel, std::uint64_t seed) {
+    cuda_backend::context ctx;
+    const auto q = testing::round_to<H>(dynamicid::matrix::host_normal(static_cast<std::size_t>(batch * lq * d), seed));
+    const auto k = testing::round_to<H>(dynamicid::matrix::host_normal(static_cast<std::size_t>(batch * lk * d), seed + 1));
+    const auto v = testing::round_to<H>(dynamicid::matrix::host_normal(static_cast<std::size_t>(batch * lk * d), seed + 2));
+    const auto fused = ops::attention(ctx, testing::upload<cuda_backend, H>(ctx, {batch, lq, d}, q),
+                                      testing::upload<cuda_backend, H>(ctx, {batch, lk, d}, k),
+                                      testing::upload<cuda_backend, H>(ctx, {batch, lk, d}, v));
+    const auto composed = ops::attention_forward(ctx, testing::upload<cuda_backend, float>(ctx, {batch, lq, d}, q),
+                                                 testing::upload<cuda_backend, float>(ctx, {batch, lk, d}, k),
+                                                 testing::upload<cuda_backend, float>(ctx, {batch, lk, d}, v))
+                              .first;
+    testing::check_close("fused attention batch " + std::to_string(batch) + " lq " + std::to_string(lq) + " lk " + std::to_string(lk) +
+                             " d " + std::to_string(d),
+                         testing::download(ctx, fused), testing::download(ctx, composed), rel, rel);
+}
+
+}  // namespace
+
+TEST_CASE("cuda: fused f16 attention matches the composed f32 path", "[cuda][attention]") {
+    std::uint64_t seed = 9000;
+    for (index_t d : {40, 64, 80, 160}) {
+        check_fused_attention<dynamicid::half>(3, 100, 77, d, 1e-2, seed += 3);   // partial query and key tiles
+        check_fused_attention<dynamicid::half>(2, 64, 300, d, 1e-2, seed += 3);   // several key tiles
+        check_fused_attention<dynamicid::half>(1, 1, 1, d, 1e-2, seed += 3);      // one query, one key
+    }
+    check_fused_attention<dynamicid::half>(2, 33, 45, 24, 1e-2, seed += 3);       // the warp-per-row kernel
+    check_fused_attention<dynamicid::half>(1, 5, 7, 40, 1e-2, seed += 3);
+}
+
+TEST_CASE("cuda: fused bf16 attention matches the composed f32 path", "[cuda][attention]") {
+    std::uint64_t seed = 9100;
+    for (index_t d : {40, 64, 80, 160}) check_fused_attention<dynamicid::bfloat16>(2, 130, 200, d, 3e-2, seed += 3);
+}
+
+TEST_CASE("cuda: fused f32 attention (warp per row) matches the composed path", "[cuda][attention]") {
+    check_fused_attention<float>(2, 70, 90, 40, 1e-5, 9200);
+    check_fused_attention<float>(1, 17, 300, 160, 1e-5, 9203);
+}
+
+TEST_CASE("cuda: attention with dv > 256 falls back to gemm + softmax", "[cuda][attention]") {
+    cuda_backend::context ctx;
+    const index_t batch = 2, lq = 5, lk = 6, d = 8, dv = 300;
+    const auto q = dynamicid::matrix::host_normal(static_cast<std::size_t>(batch * lq * d), 9301);
+    const auto k = dynamicid::matrix::host_normal(static_cast<std::size_t>(batch * lk * d), 9302);
+    const auto v = dynamicid::matrix::host_normal(static_cast<std::size_t>(batch * lk * dv), 9303);
+    const auto qt = testing::upload<cuda_backend, float>(ctx, {batch, lq, d}, q);
+    const auto kt = testing::upload<cuda_backend, float>(ctx, {batch, lk, d}, k);
+    const auto vt = testing::upload<cuda_backend, float>(ctx, {batch, lk, dv}, v);
+    testing::check_close("attention dv 300", testing::download(ctx, ops::attention(ctx, qt, kt, vt)),
+                         testing::download(ctx, ops::attention_forward(ctx, qt, kt, vt).first), 1e-6, 1e-5);
+}
+
+TEST_CASE("cuda: the allocator reuses freed blocks", "[cuda][memory]") {
+    cuda_backend::context ctx;
+    { auto warm = cuda_backend::allocate<float>(ctx, 1000); }
+    const auto held = cuda_backend::allocated_bytes(ctx);
+    for (int i = 0; i < 10; ++i) {
+        auto b = cuda_backend::allocate<float>(ctx, 1000);
+        CHECK(b.data() != nullptr);
+    }
+    CHECK(cuda_backend::allocated_bytes(ctx) == held);
+    cuda_backend::release_cached(ctx);
+    CHECK(cuda_backend::allocated_bytes(ctx) == 0);
+    // A tensor outliving its context keeps its memory valid.
+    tensor<cuda_backend, float> survivor;
+    {
+        cuda_backend::context other;
+        survivor = tensor<cuda_backend, float>::full(other, {4}, 2.5f);
+        cuda_backend::synchronize(other);
+    }
+    CHECK(survivor.to_host(ctx) == std::vector<float>(4, 2.5f));
+}
+
+TEST_CASE("cuda: events order work across contexts", "[cuda][events]") {
+    cuda_backend::context producer, consumer;
+    auto x = ops::randn<cuda_backend, float>(producer, {1 << 16}, 7);
+    const auto done = cuda_backend::record_event(producer);
+    cuda_backend::wait_event(consumer, done);
+    const auto y = ops::scale(consumer, x, 2.0);
+    const auto hx = x.to_host(producer), hy = y.to_host(consumer);
+    std::size_t bad = 0;
+    for (std::size_t i = 0; i < hx.size(); ++i) bad += hy[i] != 2.0f * hx[i];
+    CHECK(bad == 0);
+}
+
+TEST_CASE("cuda: device failures become cuda_error with a [cuda] message", "[cuda][errors]") {
+    cuda_backend::context ctx;
+    try {
+        auto huge = cuda_backend::allocate<float>(ctx, std::size_t{1} << 46);  // 256 TiB
+        FAIL("allocating 256 TiB succeeded");
+    } catch (const dynamicid::cuda_out_of_memory& e) {
+        CHECK(std::string(e.what()).rfind("[cuda] ", 0) == 0);
+    }
+    // The context stays usable afterwards.
+    CHECK(tensor<cuda_backend, float>::full(ctx, {3}, 1.0f).to_host(ctx) == std::vector<float>(3, 1.0f));
+}

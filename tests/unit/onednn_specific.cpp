@@ -1,0 +1,187 @@
+// What the test matrix does not show about the oneDNN backend: that its
+// primitives really run on oneDNN (nothing falls back to the reference code
+// for the shapes a UNet uses), in f32 and bf16, at blocked-format sizes;
+// that it keeps to the context's thread count; that planned primitives are
+// reused; and that f64 runs the reference code bit for bit.
+#if __has_include(<dynamicid/backends/onednn.hpp>)
+#include <support/gradcheck.hpp>
+
+#include <dynamicid/backends/cpu.hpp>
+#include <dynamicid/backends/onednn.hpp>
+#include <dynamicid/backends/onednn/xtensor.hpp>
+#include <dynamicid/ops.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace {
+
+using dynamicid::bfloat16;
+using dynamicid::cpu_backend;
+using dynamicid::onednn_backend;
+using dynamicid::shape;
+using dynamicid::testing::check_close;
+using dynamicid::testing::download;
+using dynamicid::testing::round_to;
+using dynamicid::testing::upload;
+namespace ops = dynamicid::ops;
+
+std::vector<double> normal(const shape& s, std::uint64_t seed) {
+    std::vector<double> v(static_cast<std::size_t>(s.numel()));
+    for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(dynamicid::philox::normal(seed, i));
+    return v;
+}
+
+// Runs `op` on the same inputs (rounded to T) on the oneDNN backend in T and on
+// the reference backend in f32; the results must agree within `tol`.
+template <class T, class Op>
+void compare_with_reference(onednn_backend::context& ctx, const std::string& label, const std::vector<shape>& shapes, double tol, Op op,
+                            std::uint64_t seed) {
+    cpu_backend::context ref{};
+    std::vector<dynamicid::tensor<onednn_backend, T>> mine;
+    std::vector<dynamicid::tensor<cpu_backend, float>> theirs;
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+        const auto values = round_to<T>(normal(shapes[i], seed + i));
+        mine.push_back(upload<onednn_backend, T>(ctx, shapes[i], values));
+        theirs.push_back(upload<cpu_backend, float>(ref, shapes[i], values));
+    }
+    check_close(label, download(ctx, op(ctx, mine)), download(ref, op(ref, theirs)), tol, tol);
+}
+
+// The UNet's op mix at small sizes, in T: everything must run on oneDNN.
+template <class T>
+void check_native_mix(double tol) {
+    onednn_backend::context ctx{.threads = 2};
+    const std::string t = std::is_same_v<T, float> ? " f32" : " bf16";
+    compare_with_reference<T>(ctx, "conv 3x3 blocked" + t, {{2, 32, 12, 12}, {48, 32, 3, 3}, {48}}, tol,
+                              [](auto& c, const auto& in) { return ops::conv2d(c, in[0], in[1], &in[2], {.padding = 1}); }, 11);
+    compare_with_reference<T>(ctx, "conv 3x3 stride 2" + t, {{1, 32, 13, 12}, {32, 32, 3, 3}, {32}}, tol,
+                              [](auto& c, const auto& in) { return ops::conv2d(c, in[0], in[1], &in[2], {.stride = 2, .padding = 1}); }, 21);
+    compare_with_reference<T>(ctx, "conv 1x1" + t, {{2, 48, 8, 8}, {32, 48, 1, 1}, {32}}, tol,
+                              [](auto& c, const auto& in) { return ops::conv2d(c, in[0], in[1], &in[2]); }, 31);
+    compare_with_reference<T>(ctx, "conv backward" + t, {{2, 32, 8, 8}, {16, 32, 3, 3}, {16}, {2, 16, 8, 8}}, tol,
+                              [](auto& c, const auto& in) {
+                                  const auto saved = ops::conv2d_forward(c, in[0], in[1], &in[2], {.padding = 1}).second;
+                                  const auto g = ops::conv2d_backward(c, saved, in[3]);
+                                  return ops::concat(c, std::vector{g.input.reshape({-1}), g.weight.reshape({-1}), g.bias.reshape({-1})}, 0);
+                              },
+                              41);
+    compare_with_reference<T>(ctx, "linear" + t, {{2, 77, 96}, {64, 96}, {64}}, tol,
+                              [](auto& c, const auto& in) { return ops::linear(c, in[0], in[1], &in[2]); }, 51);
+    compare_with_reference<T>(ctx, "attention" + t, {{4, 64, 40}, {4, 77, 40}, {4, 77, 40}}, tol,
+                              [](auto& c, const auto& in) { return ops::attention(c, in[0], in[1], in[2]); }, 61);
+    compare_with_reference<T>(ctx, "softmax backward" + t, {{6, 33}, {6, 33}}, tol,
+                              [](auto& c, const auto& in) { return ops::softmax_backward(c, ops::softmax_forward(c, in[0]).second, in[1]); }, 71);
+    for (auto op : {dynamicid::unary_op::silu, dynamicid::unary_op::gelu_erf, dynamicid::unary_op::quick_gelu})
+        compare_with_reference<T>(ctx, "unary forward and backward" + t, {{5, 37}, {5, 37}}, tol,
+                                  [op](auto& c, const auto& in) {
+                                      const auto [y, saved] = ops::unary_forward(c, op, in[0]);
+                                      return ops::concat(c, std::vector{y, ops::unary_backward(c, saved, in[1])}, 0);
+                                  },
+                                  81);
+    compare_with_reference<T>(ctx, "broadcast add, broadcast first operand" + t, {{2, 1, 16}, {2, 8, 16}}, tol,
+                              [](auto& c, const auto& in) { return ops::add(c, in[0], in[1]); }, 91);
+    compare_with_reference<T>(ctx, "sum over two axes" + t, {{2, 40, 9}}, tol,
+                              [](auto& c, const auto& in) { return ops::sum(c, in[0], {0, 2}); }, 101);
+    compare_with_reference<T>(ctx, "permute and slice" + t, {{2, 5, 6, 4}}, tol,
+                              [](auto& c, const auto& in) { return ops::slice(c, ops::permute(c, in[0], {0, 2, 3, 1}), 1, 1, 4); }, 111);
+    compare_with_reference<T>(ctx, "upsample forward and backward" + t, {{2, 3, 8, 8}, {2, 3, 16, 16}}, tol,
+                              [](auto& c, const auto& in) {
+                                  const auto [y, saved] = ops::upsample_nearest_forward(c, in[0], 2);
+                                  const auto dx = ops::upsample_nearest_backward(c, saved, in[1]);
+                                  return ops::concat(c, std::vector{y.reshape({-1}), dx.reshape({-1})}, 0);
+                              },
+                              121);
+    compare_with_reference<T>(ctx, "group_norm" + t, {{2, 32, 5, 5}, {32}, {32}}, tol,
+                              [](auto& c, const auto& in) { return ops::group_norm(c, in[0], 8, &in[1], &in[2]); }, 131);
+    if constexpr (std::is_same_v<T, float>)
+        compare_with_reference<T>(ctx, "layer_norm forward and backward" + t, {{7, 48}, {48}, {48}, {7, 48}}, tol,
+                                  [](auto& c, const auto& in) {
+                                      const auto [y, saved] = ops::layer_norm_forward(c, in[0], &in[1], &in[2]);
+                                      const auto g = ops::layer_norm_backward(c, saved, in[3]);
+                                      return ops::concat(c, std::vector{y.reshape({-1}), g.input.reshape({-1}), g.gamma, g.beta}, 0);
+                                  },
+                                  141);
+    INFO("primitive configurations oneDNN could not plan: " << ctx.runtime().unsupported());
+    CHECK(ctx.runtime().unsupported() == 0);
+}
+
+}  // namespace
+
+TEST_CASE("onednn: the UNet's primitives run on oneDNN in f32", "[onednn]") { check_native_mix<float>(1e-4); }
+
+// bf16 inputs, bf16 results and intermediates against the f32 reference on the same inputs.
+TEST_CASE("onednn: the UNet's primitives run on oneDNN in bf16", "[onednn]") { check_native_mix<bfloat16>(4e-2); }
+
+TEST_CASE("onednn: primitives are planned once per configuration", "[onednn]") {
+    onednn_backend::context ctx{.threads = 1};
+    const auto x = ops::randn<onednn_backend, float>(ctx, {2, 8, 6, 6}, 1);
+    const auto w = ops::randn<onednn_backend, float>(ctx, {8, 8, 3, 3}, 2);
+    (void)ops::conv2d(ctx, x, w, nullptr, {.padding = 1});
+    const auto size = ctx.runtime().cache_size(), misses = ctx.runtime().cache_misses(), hits = ctx.runtime().cache_hits();
+    (void)ops::conv2d(ctx, x, w, nullptr, {.padding = 1});
+    CHECK(ctx.runtime().cache_size() == size);
+    CHECK(ctx.runtime().cache_misses() == misses);
+    CHECK(ctx.runtime().cache_hits() > hits);
+    // Another thread count is another plan.
+    ctx.threads = 2;
+    (void)ops::conv2d(ctx, x, w, nullptr, {.padding = 1});
+    CHECK(ctx.runtime().cache_misses() > misses);
+}
+
+TEST_CASE("onednn: calls keep to the context's thread count and restore OpenMP's", "[onednn]") {
+#if defined(_OPENMP)
+    const int before = omp_get_max_threads();
+#endif
+    std::vector<std::vector<double>> results;
+    for (int threads : {1, 2, 3}) {
+        onednn_backend::context ctx{.threads = threads};
+        const auto a = ops::randn<onednn_backend, float>(ctx, {64, 96}, 5);
+        const auto b = ops::randn<onednn_backend, float>(ctx, {96, 80}, 6);
+        results.push_back(download(ctx, ops::matmul(ctx, a, b)));
+#if defined(_OPENMP)
+        CHECK(omp_get_max_threads() == before);
+#endif
+    }
+    check_close("matmul on 2 threads vs 1", results[1], results[0], 1e-4, 1e-4);
+    check_close("matmul on 3 threads vs 1", results[2], results[0], 1e-4, 1e-4);
+}
+
+TEST_CASE("onednn: f64 runs the reference code exactly", "[onednn]") {
+    STATIC_REQUIRE(dynamicid::supports_element<onednn_backend, double>);
+    onednn_backend::context mine{};
+    cpu_backend::context ref{};
+    const auto xs = normal({2, 6, 5, 5}, 7), ws = normal({4, 6, 3, 3}, 8);
+    const auto y = ops::conv2d(mine, upload<onednn_backend, double>(mine, {2, 6, 5, 5}, xs), upload<onednn_backend, double>(mine, {4, 6, 3, 3}, ws),
+                               nullptr, {.padding = 1});
+    const auto want = ops::conv2d(ref, upload<cpu_backend, double>(ref, {2, 6, 5, 5}, xs), upload<cpu_backend, double>(ref, {4, 6, 3, 3}, ws),
+                                  nullptr, {.padding = 1});
+    check_close("f64 conv2d", download(mine, y), download(ref, want), 0, 0);
+}
+
+TEST_CASE("onednn: a fully masked softmax row is zeros in bf16 too", "[onednn]") {
+    onednn_backend::context ctx{};
+    const double inf = std::numeric_limits<double>::infinity();
+    std::vector<double> x{1, 2, -inf, 0.5, -inf, -inf, -inf, -inf};
+    const auto y = download(ctx, ops::softmax(ctx, upload<onednn_backend, bfloat16>(ctx, {2, 4}, x)));
+    for (std::size_t i = 4; i < 8; ++i) CHECK(y[i] == 0.0);
+    CHECK(y[2] == 0.0);
+    CHECK(std::abs(y[0] + y[1] + y[3] - 1.0) < 1e-2);
+}
+
+TEST_CASE("onednn: host_view aliases oneDNN backend storage", "[onednn]") {
+    onednn_backend::context ctx{};
+    auto x = dynamicid::tensor<onednn_backend, float>::zeros(ctx, {2, 3});
+    const auto v = dynamicid::host_view(x);
+    x.data()[5] = 4.0f;
+    CHECK(v(1, 2) == 4.0f);
+}
+#endif

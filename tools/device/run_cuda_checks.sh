@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# CUDA backend checks on a machine with an NVIDIA GPU (sm_90 build: H100/H200).
+#
+# The device machine has nvcc, cmake and PyTorch but not the library's C++
+# dependencies (Eigen, xtensor, range-v3, nlohmann_json, Catch2), so the test
+# and benchmark programs are normally built on the development machine and
+# carried over:
+#
+#   tools/device/run_cuda_checks.sh stage          # here: build, copy into .devbuild/
+#   (on the device, carrying .devbuild, and .whl for diffusers if wanted:)
+#   tools/device/run_cuda_checks.sh                # run everything, logs in $OUT
+#
+# Without .devbuild/ the script configures and builds in build-device/ (needs
+# those dependencies where it runs) and runs the tests through ctest -L gpu.
+#
+# Steps, each with its own time limit and log, each run even when an earlier
+# one failed: device info, the CUDA test program (matrix, fused attention,
+# allocator, goldens), dynamicid_bench_cuda (fused attention alone and one
+# SD1.5 UNet evaluation, f16, batch 2, 512x512), and the PyTorch baseline
+# (tools/bench/pytorch_cuda_baseline.py: SDPA and the diffusers UNet). Logs and
+# summary.txt go to $OUT (default ./device-out). About 4-6 minutes in all.
+#
+# The diffusers UNet baseline needs diffusers on the device: carry its wheel
+# (.whl/diffusers-*.whl, see the device notes) and it is installed to
+# /tmp/site first; without it that part is skipped with a note.
+set -u
+
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$repo"
+
+if [ "${1:-}" = "stage" ]; then
+    set -e
+    build="${BUILD_DIR:-build-cuda}"
+    cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90
+    cmake --build "$build" -j2 --target dynamicid_cuda_tests dynamicid_bench_cuda
+    rm -rf .devbuild && mkdir -p .devbuild/lib
+    cp "$build/tests/cuda/dynamicid_cuda_tests" "$build/benchmarks/dynamicid_bench_cuda" .devbuild/
+    strip .devbuild/dynamicid_cuda_tests .devbuild/dynamicid_bench_cuda || true
+    # OpenMP runtime of the host compiler (the CPU reference backend in the tests).
+    gomp="$(g++ -print-file-name=libgomp.so.1)"
+    [ -f "$gomp" ] && cp -L "$gomp" .devbuild/lib/
+    echo "$repo" > .devbuild/source_dir   # where the test data path was compiled in
+    grep -qx '/.devbuild/' .git/info/exclude 2>/dev/null || echo '/.devbuild/' >> .git/info/exclude
+    du -sh .devbuild
+    exit 0
+fi
+
+OUT="${OUT:-$repo/device-out}"
+mkdir -p "$OUT"
+summary="$OUT/summary.txt"
+: > "$summary"
+
+# step NAME SECONDS COMMAND...: runs COMMAND with a time limit, log in $OUT/NAME.log.
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    local start=$SECONDS
+    echo "== $name: $*" | tee -a "$summary"
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$summary"
+    tail -n 5 "$OUT/$name.log" | sed 's/^/   /' >> "$summary"
+    return 0
+}
+
+# Libraries: the toolkit's, cuDNN from the Python wheel PyTorch uses, and what was staged.
+cudnn_lib="$(python3 -c 'import os, nvidia.cudnn as m; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null || true)"
+export LD_LIBRARY_PATH="$repo/.devbuild/lib:${cudnn_lib}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+
+step info 30 bash -c 'nvidia-smi; nvcc --version; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"'
+
+if [ -x .devbuild/dynamicid_cuda_tests ]; then
+    # The tests read goldens from the source path compiled in: make it exist.
+    src="$(cat .devbuild/source_dir 2>/dev/null || echo /work/main)"
+    if [ ! -d "$src/tests/data" ]; then
+        mkdir -p "$(dirname "$src")" && ln -sfn "$repo" "$src"
+    fi
+    tests=(.devbuild/dynamicid_cuda_tests)
+    bench=.devbuild/dynamicid_bench_cuda
+    echo "== using the staged programs in .devbuild (sources: $src)" | tee -a "$summary"
+else
+    step build 300 bash -c "cmake -S . -B build-device -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DDYNAMICID_BUILD_EXAMPLES=OFF -DDYNAMICID_BUILD_TOOLS=OFF && \
+        cmake --build build-device -j16 --target dynamicid_cuda_tests dynamicid_bench_cuda"
+    tests=(ctest --test-dir build-device -L gpu --output-on-failure -j1)
+    bench=build-device/benchmarks/dynamicid_bench_cuda
+fi
+
+if [ "${tests[0]}" = "ctest" ]; then
+    step tests 200 "${tests[@]}"
+else
+    step tests 200 "${tests[@]}" --durations yes
+fi
+step bench 120 "$bench" --iters 10
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+    step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+step torch 120 env PYTHONUNBUFFERED=1 python3 tools/bench/pytorch_cuda_baseline.py --iters 10
+
+echo "== done in $SECONDS s" | tee -a "$summary"
