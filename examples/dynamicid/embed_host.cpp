@@ -4,7 +4,7 @@
 // memory, and the generated image is written into the host's preallocated
 // BGRA framebuffer. A worker thread generates while the host can cancel.
 //
-//   dynamicid_embed_host --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14 \
+//   dynamicid_embed_host --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14
 //       --arcface alice.safetensors --reference alice.png --prompt "an astronaut portrait" --output host.png
 #include "common.hpp"
 

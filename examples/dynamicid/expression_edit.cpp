@@ -1,9 +1,9 @@
 // Expression / pose editing through the IMR: the identity tokens are
 // re-targeted to a face prompt and (optionally) target landmarks before generation.
 //
-//   dynamicid_expression_edit --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14 --imr IMR.bin \
-//       --id alice.safetensors:alice.png --landmarks alice_106.txt \
-//       --source-prompt "in a neutral expression, in front view" --target-prompt "in a happy expression, in side view" \
+//   dynamicid_expression_edit --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14 --imr IMR.bin
+//       --id alice.safetensors:alice.png --landmarks alice_106.txt
+//       --source-prompt "in a neutral expression, in front view" --target-prompt "in a happy expression, in side view"
 //       --prompt "a woman laughing at the beach" --output happy.png
 //
 // --landmarks: 106 "x y" lines (insightface 2d106det on the reference resized to

@@ -1,8 +1,8 @@
 // ID mixing: one face that blends two identities, the first weighted by
 // --mix (0..1), the second by 1 - mix, inside one box (the whole image by default).
 //
-//   dynamicid_id_mixing --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14 \
-//       --id alice.safetensors:alice.png --id bob.safetensors:bob.png --mix 0.6 \
+//   dynamicid_id_mixing --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14
+//       --id alice.safetensors:alice.png --id bob.safetensors:bob.png --mix 0.6
 //       --prompt "a portrait photo of a person" --output mix.png
 #include "common.hpp"
 

@@ -1,6 +1,6 @@
 // One identity: ArcFace embedding + reference image -> a new image of that person.
 //
-//   dynamicid_single_id --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14 \
+//   dynamicid_single_id --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14
 //       --id alice_arcface.safetensors:alice.png --prompt "a woman reading in a cafe" --seed 42 --output alice.png
 #include "common.hpp"
 

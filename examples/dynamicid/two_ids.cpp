@@ -2,8 +2,8 @@
 // the paper's multi-ID layout boost beta = 2; --maps DIR also writes the
 // gating heat maps of every attn2 layer and step.
 //
-//   dynamicid_two_ids --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14 \
-//       --id alice.safetensors:alice.png:0,0,1,0.5 --id bob.safetensors:bob.png:0,0.5,1,1 \
+//   dynamicid_two_ids --sd models/sd15 --saa SAA.bin --clip models/clip-vit-h-14
+//       --id alice.safetensors:alice.png:0,0,1,0.5 --id bob.safetensors:bob.png:0,0.5,1,1
 //       --prompt "two friends hiking" --output pair.png --maps maps
 #include "common.hpp"
 

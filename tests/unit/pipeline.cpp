@@ -269,6 +269,23 @@ TEST_CASE("pipeline: progress, per-step latents and guidance off", "[pipeline]")
     CHECK(pipe.generate(ctx, o).rgb != unguided.rgb);
 }
 
+TEST_CASE("pipeline: caller-given encoder states and attention hooks", "[pipeline]") {
+    if (!tiny_sd_present()) return;
+    const auto& pipe = tiny_pipeline();
+    cpu_backend::context ctx = test_context();
+    const pipeline::options o{.prompts = {"a blue car"}, .steps = 2, .seed = 4, .width = 32, .height = 32};
+    const auto plain = pipe.generate(ctx, o);
+    dynamicid::modules::unet::attention_hooks<cpu_backend, float> hooks;  // no processors: default attention
+    pipeline::controls c;
+    c.encoder_states = pipe.encode_text(ctx, o, true);
+    c.hooks = &hooks;
+    const auto given = pipe.generate(ctx, o, c);
+    CHECK(given.pixels == plain.pixels);
+    CHECK(hooks.step == 1);  // the last step's index
+    c.encoder_states = pipe.encode_text(ctx, o, false);  // one row where guidance needs two
+    CHECK_THROWS_AS(pipe.generate(ctx, o, c), dynamicid::shape_error);
+}
+
 TEST_CASE("pipeline: cancellation stops before the next UNet evaluation", "[pipeline]") {
     if (!tiny_sd_present()) return;
     const auto& pipe = tiny_pipeline();

@@ -9,7 +9,8 @@
 //   uncond   = ProjPlusModel(zeros(512), vision_tower(zeros(1, 3, 224, 224)))         the all-zero normalised image
 //   states   = [neg text (77) ; uncond x n],  [prompt text (77) ; tok_1 .. tok_n]   CFG order [uncond, cond]
 //
-// then the SD1.5 denoising loop (DDIM by default) with DynamicID's processors
+// then the SD pipeline's denoising loop (text_to_image::generate with these
+// encoder states and attention hooks; DDIM by default) with DynamicID's processors
 // on every attention layer: SA (LoRA) on attn1, SAA (LoRA + gated identity
 // branch, layout boost while step < infer_end, box masks or ID mixing) on
 // attn2, the step being the denoising step index (one per UNet evaluation).
@@ -349,18 +350,29 @@ public:
         }
         const auto sd_opts = sd_options(o);
         const tensor_type text = sd_.encode_text(ctx, sd_opts, guided);
-        const tensor_type latents = denoise(ctx, o, text, ops::concat(ctx, cond, 1), guided ? ops::concat(ctx, uncond, 1) : tensor_type{},
-                                            std::move(lc), c);
+        const tensor_type states =
+            encoder_states(ctx, text, ops::concat(ctx, cond, 1), guided ? ops::concat(ctx, uncond, 1) : tensor_type{}, guided, lc.id_num);
 
-        result r;
-        r.count = 1;
-        r.width = o.width;
-        r.height = o.height;
-        r.latents = latents;
-        const auto& vae = sd_.models().vae;
-        const tensor_type image = vae.decode(ctx, ops::scale(ctx, latents, 1.0 / vae.settings().scaling_factor));
-        detail::to_hwc_unit(image.to_host(ctx), 1, image.dim(1), o.height, o.width, r.pixels, r.rgb);
-        return r;
+        // The SD pipeline's loop with the identity tokens appended and the processors installed.
+        lc.on_activation = c.on_activation;
+        auto hooks = detail::make_hooks<B, T>(models_.adapters, models_.adapter_config, std::move(lc));
+        typename sd_pipeline::controls sc;
+        sc.latents = c.latents;
+        sc.on_progress = c.on_progress;
+        sc.on_step = c.on_step;
+        sc.stop = c.stop;
+        sc.cancel = c.cancel;
+        sc.encoder_states = states;
+        sc.hooks = &hooks;
+        return sd_.generate(ctx, sd_opts, sc);
+    }
+
+    /// The UNet conditioning: [text_uncond ; uncond tokens] and [text_cond ; identity tokens]
+    /// rows (guided), else [text ; identity tokens]. text is (2, L, width) [negative ; prompt]
+    /// when guided, else (1, L, width); tokens (1, tokens_per_id * id_num, width).
+    tensor_type encoder_states(context_t<B>& ctx, const tensor_type& text, const tensor_type& id_tokens, const tensor_type& uncond_tokens,
+                               bool guided, index_t id_num) const {
+        return build_states(ctx, models_, text, id_tokens, uncond_tokens, guided, id_num);
     }
 
     /// The denoising part: text states ([neg ; prompt] rows when guided, else the
@@ -377,21 +389,7 @@ public:
                                     const tensor_type& id_tokens, const tensor_type& uncond_tokens, dynamicid_layer_controls lc,
                                     const controls& c = {}) {
         const bool guided = o.guidance_scale > 1.0;
-        const index_t per = models.adapter_config.tokens_per_id;
-        check<shape_error>(id_tokens.rank() == 3 && id_tokens.dim(0) == 1 && id_tokens.dim(1) == per * lc.id_num, "dynamicid",
-                           "identity tokens ", id_tokens.shape().str(), " are not (1, ", per * lc.id_num, ", width)");
-        check<shape_error>(!guided || uncond_tokens.shape() == id_tokens.shape(), "dynamicid", "unconditional tokens ",
-                           uncond_tokens.shape().str(), " differ from the identity tokens' ", id_tokens.shape().str());
-        check<shape_error>(text.rank() == 3 && text.dim(0) == (guided ? 2 : 1), "dynamicid", "text states ", text.shape().str(),
-                           guided ? " are not (2, L, width): [negative ; prompt]" : " are not (1, L, width)");
-        tensor_type states;
-        if (guided) {
-            states = ops::concat(ctx, std::vector<tensor_type>{ops::concat(ctx, std::vector<tensor_type>{text.narrow_leading(0, 1), uncond_tokens}, 1),
-                                                               ops::concat(ctx, std::vector<tensor_type>{text.narrow_leading(1, 1), id_tokens}, 1)},
-                                 0);
-        } else {
-            states = ops::concat(ctx, std::vector<tensor_type>{text, id_tokens}, 1);
-        }
+        const tensor_type states = build_states(ctx, models, text, id_tokens, uncond_tokens, guided, lc.id_num);
         lc.on_activation = c.on_activation;
         auto hooks = detail::make_hooks<B, T>(models.adapters, models.adapter_config, std::move(lc));
         detail::denoise_request<B, T> r;
@@ -425,6 +423,22 @@ public:
     }
 
 private:
+    static tensor_type build_states(context_t<B>& ctx, const models_type& models, const tensor_type& text, const tensor_type& id_tokens,
+                                    const tensor_type& uncond_tokens, bool guided, index_t id_num) {
+        const index_t per = models.adapter_config.tokens_per_id;
+        check<shape_error>(id_tokens.rank() == 3 && id_tokens.dim(0) == 1 && id_tokens.dim(1) == per * id_num, "dynamicid",
+                           "identity tokens ", id_tokens.shape().str(), " are not (1, ", per * id_num, ", width)");
+        check<shape_error>(!guided || uncond_tokens.shape() == id_tokens.shape(), "dynamicid", "unconditional tokens ",
+                           uncond_tokens.defined() ? uncond_tokens.shape().str() : std::string("(none)"), " differ from the identity tokens' ",
+                           id_tokens.shape().str());
+        check<shape_error>(text.rank() == 3 && text.dim(0) == (guided ? 2 : 1), "dynamicid", "text states ", text.shape().str(),
+                           guided ? " are not (2, L, width): [negative ; prompt]" : " are not (1, L, width)");
+        if (!guided) return ops::concat(ctx, std::vector<tensor_type>{text, id_tokens}, 1);
+        return ops::concat(ctx, std::vector<tensor_type>{ops::concat(ctx, std::vector<tensor_type>{text.narrow_leading(0, 1), uncond_tokens}, 1),
+                                                         ops::concat(ctx, std::vector<tensor_type>{text.narrow_leading(1, 1), id_tokens}, 1)},
+                           0);
+    }
+
     static void check_cancel(const controls& c) {
         if (c.stop.stop_requested() || (c.cancel && c.cancel->load(std::memory_order_relaxed)))
             throw cancelled_error("pipeline", "generation cancelled");

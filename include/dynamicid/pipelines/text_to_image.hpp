@@ -84,6 +84,14 @@ struct text_to_image_controls {
     /// decode, so a request takes effect within one UNet evaluation.
     std::stop_token stop{};
     const std::atomic<bool>* cancel = nullptr;
+    /// The UNet conditioning to use instead of encoding the prompts (diffusers'
+    /// prompt_embeds with negative_prompt_embeds): (2N, L, cross_attention_dim)
+    /// with the negative rows first when guided, else (N, L, ...). encode_text()
+    /// gives it for the prompts; a caller may append tokens or edit it.
+    tensor<B, T> encoder_states{};
+    /// Attention processors for every UNet evaluation; hooks->step is set to
+    /// the step index before each one. Owned by the caller, one per call.
+    modules::unet::attention_hooks<B, T>* hooks = nullptr;
 };
 
 /// The images of one call: `count` images of height x width RGB, row-major HWC.
@@ -188,7 +196,17 @@ public:
         check_cancel(c);
 
         // Text: negative rows first, as diffusers concatenates them.
-        const tensor_type text = encode_text(ctx, o, guided);
+        tensor_type text;
+        if (c.encoder_states.defined()) {
+            const index_t rows = guided ? 2 * n : n;
+            check<shape_error>(c.encoder_states.rank() == 3 && c.encoder_states.dim(0) == rows &&
+                                   c.encoder_states.dim(2) == models_.unet.settings().cross_attention_dim,
+                               "pipeline", "encoder_states ", c.encoder_states.shape().str(), " should be (", rows, ", L, ",
+                               models_.unet.settings().cross_attention_dim, ")");
+            text = c.encoder_states;
+        } else {
+            text = encode_text(ctx, o, guided);
+        }
 
         Sampler s = sampler_;
         if constexpr (requires { s.set_eta(o.eta); }) {
@@ -216,7 +234,8 @@ public:
             const tensor_type in = s.scale_model_input(ctx, x, t);
             const tensor_type model_in = guided ? ops::concat(ctx, std::vector<tensor_type>{in, in}, 0) : in;
             const std::vector<float> ts(static_cast<std::size_t>(model_in.dim(0)), static_cast<float>(t));
-            tensor_type eps = models_.unet.forward(ctx, model_in, std::span<const float>(ts), text);
+            if (c.hooks) c.hooks->step = static_cast<std::int64_t>(i);
+            tensor_type eps = models_.unet.forward(ctx, model_in, std::span<const float>(ts), text, c.hooks);
             if (guided) {
                 const tensor_type uncond = eps.narrow_leading(0, n);
                 const tensor_type cond = eps.narrow_leading(n, n);

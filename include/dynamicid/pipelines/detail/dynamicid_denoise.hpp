@@ -1,13 +1,12 @@
 // dynamicid pipelines (detail): the denoising loop with caller-supplied
 // encoder states and attention hooks.
 //
-// This is text_to_image::generate's loop (same noise streams, same guidance,
-// same cancellation points) with two additions the SD pipeline does not
-// offer yet: the encoder states are given whole (text tokens followed by any
-// extra tokens), and attention_hooks go to every UNet evaluation with
-// hooks.step = the evaluation index (0, 1, ... : one per denoising step, the
-// CFG halves batched in one evaluation). When text_to_image grows those two
-// hooks, dynamicid's pipeline can call it instead.
+// The same loop as text_to_image::generate (same noise streams, guidance and
+// cancellation points; text_to_image_controls::encoder_states / hooks give
+// it the same inputs) over a bare UNet and sampler, for callers that hold no
+// text encoder or VAE: dynamicid_pipeline::run_denoiser. hooks.step is the
+// evaluation index (0, 1, ...: one per denoising step, the CFG halves batched
+// in one evaluation). The pipeline test checks both loops agree exactly.
 #pragma once
 
 #include <dynamicid/core/error.hpp>
