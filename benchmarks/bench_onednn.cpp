@@ -16,6 +16,11 @@
 //
 // Sizes: 256 x 256 images (latent 32 x 32), batch 2 (classifier-free
 // guidance), 77 tokens; kernels at the UNet's widths for that latent.
+//
+// On a machine shared with other work, run both this and the PyTorch script
+// with OMP_WAIT_POLICY=PASSIVE: OpenMP's idle threads otherwise spin between
+// parallel regions and take the cores the serial parts need (on 2 busy cores
+// that more than doubled every backend's UNet time, PyTorch's included).
 #include "fma_peak.hpp"
 
 #include <dynamicid/analysis/flops.hpp>
@@ -28,6 +33,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -35,6 +41,7 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -290,7 +297,12 @@ void run_unet(const options& o, int threads) {
     if (o.pytorch_bf16) std::printf("    onednn bf16 / PyTorch bf16     %6.2fx   (PyTorch %.2f s)\n", *o.pytorch_bf16 / dnn16, *o.pytorch_bf16);
 }
 
-options parse(int argc, char** argv) {
+[[noreturn]] void usage(const char* program) {
+    std::fprintf(stderr, "usage: %s [--no-unet] [--threads=N] [--image=256] [--pytorch-seconds=F32[,BF16]]\n", program);
+    std::exit(2);
+}
+
+options parse(int argc, char** argv) try {
     options o;
     for (int i = 1; i < argc; ++i) {
         const std::string_view a = argv[i];
@@ -303,11 +315,12 @@ options parse(int argc, char** argv) {
             o.pytorch_f32 = std::stod(v.substr(0, comma));
             if (comma != std::string::npos) o.pytorch_bf16 = std::stod(v.substr(comma + 1));
         } else {
-            std::fprintf(stderr, "usage: %s [--no-unet] [--threads=N] [--image=256] [--pytorch-seconds=F32[,BF16]]\n", argv[0]);
-            std::exit(2);
+            usage(argv[0]);
         }
     }
     return o;
+} catch (const std::logic_error&) {  // a number that does not parse
+    usage(argv[0]);
 }
 
 }  // namespace

@@ -111,7 +111,7 @@ TEST_CASE("cuda: events order work across contexts", "[cuda][events]") {
     CHECK(bad == 0);
 }
 
-TEST_CASE("cuda: device failures become cuda_error with a [cuda] message", "[cuda][errors]") {
+TEST_CASE("cuda: device failures become cuda_error with a cuda-prefixed message", "[cuda][errors]") {
     cuda_backend::context ctx;
     try {
         auto huge = cuda_backend::allocate<float>(ctx, std::size_t{1} << 46);  // 256 TiB

@@ -259,7 +259,7 @@ TEST_CASE("Image helpers: identity resize, crop padding, channels, xtensor", "[c
     CHECK_THROWS_AS(clip::image_processor_config::from_json(nlohmann::json::parse(R"({"image_mean": [0.5]})")), dynamicid::value_error);
 }
 
-TEST_CASE("Image files load through stb_image; bad files throw [image]", "[clip][image]") {
+TEST_CASE("Image files load through stb_image, bad files throw image errors", "[clip][image]") {
     const fs::path dir = fs::temp_directory_path() / "dynamicid_clip_image_test";
     fs::create_directories(dir);
     // A 3x2 binary PPM.

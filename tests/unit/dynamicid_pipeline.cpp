@@ -278,7 +278,7 @@ TEST_CASE("dynamicid: checkpoint problems are reported together", "[dynamicid][p
                     dynamicid::io_error);
 }
 
-TEST_CASE("dynamicid: activation maps are recorded per layer and step; cancellation stops the loop", "[dynamicid][pipeline][visual]") {
+TEST_CASE("dynamicid: activation maps are recorded per layer and step, cancellation stops the loop", "[dynamicid][pipeline][visual]") {
     cpu_backend::context ctx{.threads = 2};
     const auto fx = load_fixture(ctx);
     const auto ckpt = dynamicid::io::identity_checkpoint::open(data_dir / "SAA.bin");

@@ -59,7 +59,7 @@ TEST_CASE("flops: counts scale with batch and the tree mirrors the module names"
     CHECK(small.find("down_blocks.0.resnets.0.conv1")->total() * 4 == conv->total());
 }
 
-TEST_CASE("flops: the text encoder layer by hand; whole generations add up", "[flops]") {
+TEST_CASE("flops: the text encoder layer by hand, whole generations add up", "[flops]") {
     const modules::clip::encoder_config c{.hidden_size = 16, .intermediate_size = 32, .num_attention_heads = 2, .num_hidden_layers = 2};
     const auto t = analysis::text_encoder_macs(c, {.batch = 3, .tokens = 5});
     const std::uint64_t rows = 15;

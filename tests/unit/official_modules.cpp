@@ -150,7 +150,7 @@ TEST_CASE("saa outside boxes the boost divides by beta + 1", "[official][saa]") 
     CHECK(w[3] == Approx(0.6 / 3.0));
 }
 
-TEST_CASE("saa rejects boxes outside [0, 1], inverted or empty", "[official][saa][errors]") {
+TEST_CASE("saa rejects boxes outside the unit square, inverted or empty", "[official][saa][errors]") {
     saa_case c("saa_two_ids_boxes");
     const auto expect_box_error = [&](saa::box b) {
         auto controls = c.controls();

@@ -40,7 +40,7 @@ TEST_CASE("philox: element i of a stream is word i % 4 of block i / 4", "[philox
     }
 }
 
-TEST_CASE("philox: uniforms lie in (0, 1]", "[philox]") {
+TEST_CASE("philox: uniforms are above 0 and at most 1", "[philox]") {
     CHECK(philox::uniform_from_bits(0u) > 0.0f);
     CHECK(philox::uniform_from_bits(0xffffffffu) == 1.0f);
     dynamicid::cpu_backend::context ctx{.threads = 2};

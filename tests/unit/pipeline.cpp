@@ -210,7 +210,7 @@ TEST_CASE("pipeline: batched prompts and images per prompt split guidance correc
     CHECK(pipe.generate(ctx, seeded).rgb != a.rgb);
 }
 
-TEST_CASE("pipeline: options are checked with [pipeline] messages", "[pipeline]") {
+TEST_CASE("pipeline: options are checked with pipeline-prefixed messages", "[pipeline]") {
     if (!tiny_sd_present()) return;
     const auto& pipe = tiny_pipeline();
     cpu_backend::context ctx = test_context();
@@ -321,7 +321,7 @@ TEST_CASE("pipeline: cancellation stops before the next UNet evaluation", "[pipe
     }
 }
 
-TEST_CASE("pipeline: any sampler type runs; eta needs set_eta", "[pipeline]") {
+TEST_CASE("pipeline: any sampler type runs, eta needs set_eta", "[pipeline]") {
     if (!tiny_sd_present()) return;
     const auto& ddim_pipe = tiny_pipeline();
     cpu_backend::context ctx = test_context();

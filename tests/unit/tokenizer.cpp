@@ -112,7 +112,7 @@ TEST_CASE("clip tokenizer: truncation, batches and specials", "[tokenizer]") {
     CHECK_THROWS_AS(tok.encode("x", 1), dynamicid::value_error);
 }
 
-TEST_CASE("clip tokenizer: missing files say [tokenizer]", "[tokenizer]") {
+TEST_CASE("clip tokenizer: missing files give tokenizer-prefixed errors", "[tokenizer]") {
     const auto missing = fs::path(DYNAMICID_TEST_DATA_DIR) / "no-such-dir";
     try {
         (void)clip_tokenizer::load_default(missing);

@@ -197,7 +197,7 @@ TEST_CASE("vae: sample is mean + exp(logvar / 2) * Philox noise", "[vae]") {
                     dynamicid::shape_error);
 }
 
-TEST_CASE("vae: encode clamps logvar to [-30, 20]", "[vae]") {
+TEST_CASE("vae: encode clamps logvar to the range -30 to 20", "[vae]") {
     // The golden encoder with quant_conv's logvar biases pushed far out of
     // range: an in-memory file listed first overrides those two tensors.
     cpu_backend::context ctx{.threads = 2};

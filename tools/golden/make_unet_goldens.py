@@ -37,15 +37,15 @@ Cases and their config keys:
                          hidden_states (B,C,H,W), encoder_hidden_states (B,L,D)
                          -> output sample.
 
-The committed block cases are narrower than SD1.5 (a 320-wide block's weights
-alone exceed the size budget of tests/data); `--sd15 DIR` also writes the
-SD1.5-width cases (ResnetBlock2D 320->320 and 320->640 with conv_shortcut,
-Transformer2DModel 8 heads of 40 with 768-wide text) to DIR for a local run of
-the conformance CLI.
+The narrow block cases (width 64) keep the everyday files small; `--sd15 DIR`
+also writes the SD1.5-width cases (ResnetBlock2D 320->320 and 320->640 with
+conv_shortcut, Transformer2DModel 8 heads of 40 with 768-wide text). Their
+committed copies (about 23 MB) sit in tests/data/golden/unet/ next to the
+others, so the unit tests and the conformance CLI run them too.
 
 Usage (developer tool; tests never run it):
 
-    python3 tools/golden/make_unet_goldens.py [--out tests/data/golden/unet] [--sd15 /tmp/unet-sd15]
+    python3 tools/golden/make_unet_goldens.py [--out tests/data/golden/unet] [--sd15 tests/data/golden/unet]
 """
 
 import argparse

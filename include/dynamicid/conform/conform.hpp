@@ -24,7 +24,9 @@
 #include <dynamicid/conform/detail/official.hpp>
 #include <dynamicid/conform/detail/primitives.hpp>
 #include <dynamicid/conform/detail/schedulers.hpp>
+#if !defined(__CUDACC__)  // the tokenizer is host code (and uses range-v3, which nvcc cannot parse)
 #include <dynamicid/conform/detail/text.hpp>
+#endif
 #include <dynamicid/conform/detail/unet.hpp>
 #include <dynamicid/conform/detail/vae.hpp>
 
@@ -198,7 +200,9 @@ public:
         // Official modules are float32 models: computed in float whatever the file holds.
         r.add("ProjPlusModel", [](ctx_t& ctx, const golden_case& g) { return d::proj_plus_case<B, float>(ctx, g); });
         // Tokenizer and schedulers (float32 outputs; ids are exact in float).
+#if !defined(__CUDACC__)
         r.add("CLIPTokenizer", [](ctx_t& ctx, const golden_case& g) { return d::clip_tokenizer_case<B>(ctx, g); });
+#endif
         r.add("DDIMScheduler", [](ctx_t& ctx, const golden_case& g) { return d::ddim_scheduler_case<B>(ctx, g); });
         r.add("DDPMScheduler.add_noise", [](ctx_t& ctx, const golden_case& g) { return d::ddpm_add_noise_case<B>(ctx, g); });
         // diffusers UNet modules: float32 models, like the official ones.

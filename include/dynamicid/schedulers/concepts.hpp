@@ -42,7 +42,6 @@
 #include <concepts>
 #include <cstdint>
 #include <optional>
-#include <range/v3/view/enumerate.hpp>
 #include <ranges>
 #include <span>
 #include <type_traits>
@@ -116,10 +115,11 @@ tensor<B, T> denoise(context_t<B>& ctx, S& s, tensor<B, T> x, std::size_t steps,
     x = ops::scale(ctx, x, s.init_noise_sigma());
     // Step i draws its noise from its own window of the Philox stream, so a
     // stochastic run is reproducible whatever happened at earlier steps.
-    for (const auto [index, t] : ranges::views::enumerate(s.timesteps())) {
+    std::uint64_t index = 0;
+    for (const auto t : s.timesteps()) {
         const tensor<B, T> out = model(s.scale_model_input(ctx, x, t), t);
-        x = s.step(ctx, out, t, x,
-                   step_noise<B, T>::from_seed(seed, static_cast<std::uint64_t>(index) * static_cast<std::uint64_t>(x.numel())));
+        x = s.step(ctx, out, t, x, step_noise<B, T>::from_seed(seed, index * static_cast<std::uint64_t>(x.numel())));
+        ++index;
     }
     return x;
 }

@@ -37,6 +37,13 @@
 // Reading the gzip'd merges file needs zlib (link ZLIB::ZLIB).
 #pragma once
 
+// range-v3 is host-only here: nvcc's front end cannot parse it, and the tokenizer never runs on a device.
+#include <range/v3/algorithm/min_element.hpp>
+#include <range/v3/iterator/operations.hpp>
+#include <range/v3/view/drop.hpp>
+#include <range/v3/view/transform.hpp>
+#include <range/v3/view/zip.hpp>
+
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/text/detail/unicode.hpp>
 
@@ -459,16 +466,15 @@ private:
         if (symbols.empty()) return;
         symbols.back() += "</w>";
         while (symbols.size() > 1) {
-            int best = std::numeric_limits<int>::max();
-            std::size_t at = 0;
-            for (std::size_t i = 0; i + 1 < symbols.size(); ++i) {
-                const auto it = ranks_.find(merge_key(symbols[i], symbols[i + 1]));
-                if (it != ranks_.end() && it->second < best) {
-                    best = it->second;
-                    at = i;
-                }
-            }
-            if (best == std::numeric_limits<int>::max()) break;
+            // Rank every adjacent pair; the lowest-ranked (first on ties) merges next.
+            const auto pair_rank = [this](const auto& pair) {
+                const auto it = ranks_.find(merge_key(std::get<0>(pair), std::get<1>(pair)));
+                return it != ranks_.end() ? it->second : std::numeric_limits<int>::max();
+            };
+            const auto ranked = ranges::views::zip(symbols, symbols | ranges::views::drop(1)) | ranges::views::transform(pair_rank);
+            const auto lowest = ranges::min_element(ranked);
+            if (*lowest == std::numeric_limits<int>::max()) break;
+            const auto at = static_cast<std::size_t>(ranges::distance(ranges::begin(ranked), lowest));
             // Merge every occurrence of the best pair, left to right.
             const std::string first = symbols[at], second = symbols[at + 1];
             std::vector<std::string> merged;

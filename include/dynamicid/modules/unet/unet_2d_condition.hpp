@@ -31,10 +31,6 @@
 //     auto eps = unet.forward(ctx, latents, std::vector<float>{981.f, 981.f}, text);   // (2, 4, 64, 64)
 #pragma once
 
-#include <range/v3/view/concat.hpp>
-#include <range/v3/view/join.hpp>
-#include <range/v3/view/transform.hpp>
-
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
 #include <dynamicid/modules/layers.hpp>
@@ -328,12 +324,11 @@ private:
                 layer_names_.at(static_cast<std::size_t>(ids.attn2)) = ids.attn2_name;
             }
         };
-        const auto transformers_of = [](const auto& block) -> const auto& { return block.transformers(); };
-        // Every transformer of the model, whatever block kind owns it.
-        for (const auto& t : ranges::views::concat(down_blocks_ | ranges::views::transform(transformers_of) | ranges::views::join,
-                                                   up_blocks_ | ranges::views::transform(transformers_of) | ranges::views::join,
-                                                   mid_block_.transformers()))
-            add(t);
+        for (const auto& d : down_blocks_)
+            for (const auto& t : d.transformers()) add(t);
+        for (const auto& u : up_blocks_)
+            for (const auto& t : u.transformers()) add(t);
+        for (const auto& t : mid_block_.transformers()) add(t);
     }
 
     config config_{};

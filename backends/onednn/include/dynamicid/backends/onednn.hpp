@@ -20,6 +20,8 @@
 // setting is changed for the call and restored). A context caches primitive
 // descriptors keyed by the op's descriptor, element type and thread count;
 // copies of a context share that cache. Give each host thread its own context.
+// On cores shared with other processes, OMP_WAIT_POLICY=PASSIVE keeps idle
+// OpenMP threads from spinning between calls (it is read at program start).
 //
 // Weights are not cached across calls: a convolution reorders its weights into
 // oneDNN's blocked layout on every call. Caching them by address would be
