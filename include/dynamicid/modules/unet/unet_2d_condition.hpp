@@ -31,6 +31,7 @@
 //     auto eps = unet.forward(ctx, latents, std::vector<float>{981.f, 981.f}, text);   // (2, 4, 64, 64)
 #pragma once
 
+#include <dynamicid/modules/detail/config_reader.hpp>
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
 #include <dynamicid/modules/layers.hpp>
@@ -80,59 +81,10 @@ struct unet_config {
     void validate() const;
 };
 
-namespace detail {
-
-/// Collects config problems so that one exception names them all.
-struct config_reader {
-    const nlohmann::json& j;
-    std::vector<std::string> problems;
-
-    bool has(const char* key) const { return j.contains(key) && !j[key].is_null(); }
-
-    template <class V>
-    void read(const char* key, V& out) {
-        if (!has(key)) return;
-        try {
-            out = j[key].get<V>();
-        } catch (const nlohmann::json::exception&) {
-            problems.push_back(std::string("\"") + key + "\" has the wrong type: " + j[key].dump());
-        }
-    }
-
-    /// An int (the same for every block) or a per-block list.
-    void read_per_block(const char* key, std::vector<index_t>& out, std::size_t blocks) {
-        if (!has(key)) {
-            if (!out.empty() && out.size() != blocks) out.assign(blocks, out.front());
-            return;
-        }
-        const auto& v = j[key];
-        if (v.is_number_integer()) {
-            out.assign(blocks, v.get<index_t>());
-        } else if (v.is_array() && v.size() == blocks && std::all_of(v.begin(), v.end(), [](const auto& e) { return e.is_number_integer(); })) {
-            out = v.get<std::vector<index_t>>();
-        } else {
-            problems.push_back(std::string("\"") + key + "\" must be an integer or a list of " + std::to_string(blocks) +
-                               " integers, got " + v.dump());
-        }
-    }
-
-    /// The key must be absent, null, or equal to `expected`.
-    void require(const char* key, const nlohmann::json& expected, const char* why = "is not supported") {
-        if (has(key) && j[key] != expected)
-            problems.push_back(std::string("\"") + key + "\" = " + j[key].dump() + " " + why + " (supported: " + expected.dump() + ")");
-    }
-    /// The key must be absent or null.
-    void require_null(const char* key) {
-        if (has(key)) problems.push_back(std::string("\"") + key + "\" = " + j[key].dump() + " is not supported (supported: null)");
-    }
-};
-
-}  // namespace detail
-
 inline unet_config unet_config::from_json(const nlohmann::json& j) {
     check<value_error>(j.is_object(), "unet", "config must be a JSON object");
     unet_config c;
-    detail::config_reader r{j, {}};
+    modules::detail::config_reader r{j, {}};
     if (r.has("_class_name")) r.require("_class_name", "UNet2DConditionModel", "is not a UNet2DConditionModel");
     r.read("sample_size", c.sample_size);
     r.read("in_channels", c.in_channels);

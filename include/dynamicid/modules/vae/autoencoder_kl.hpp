@@ -28,6 +28,7 @@
 //     auto z = vae.sample(ctx, dist, /*seed=*/42);
 #pragma once
 
+#include <dynamicid/modules/detail/config_reader.hpp>
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
 #include <dynamicid/modules/blocks/attention.hpp>
@@ -82,43 +83,10 @@ struct autoencoder_kl_config {
     index_t downscale_factor() const { return index_t{1} << (block_out_channels.size() - 1); }
 };
 
-namespace detail {
-
-/// Collects config problems so that one exception names them all.
-struct vae_config_reader {
-    const nlohmann::json& j;
-    std::vector<std::string> problems;
-
-    bool has(const char* key) const { return j.contains(key) && !j[key].is_null(); }
-
-    template <class V>
-    void read(const char* key, V& out) {
-        if (!has(key)) return;
-        try {
-            out = j[key].get<V>();
-        } catch (const nlohmann::json::exception&) {
-            problems.push_back(std::string("\"") + key + "\" has the wrong type: " + j[key].dump());
-        }
-    }
-
-    /// A list of `count` copies of `expected` (absent: taken as such).
-    void require_all(const char* key, const std::string& expected, std::size_t count) {
-        if (!has(key)) return;
-        const auto& v = j[key];
-        const bool ok = v.is_array() && v.size() == count &&
-                        std::all_of(v.begin(), v.end(), [&](const auto& e) { return e.is_string() && e.template get<std::string>() == expected; });
-        if (!ok)
-            problems.push_back(std::string("\"") + key + "\" = " + v.dump() + " is not supported (supported: " + std::to_string(count) +
-                               " x \"" + expected + "\", one per block_out_channels entry)");
-    }
-};
-
-}  // namespace detail
-
 inline autoencoder_kl_config autoencoder_kl_config::from_json(const nlohmann::json& j) {
     check<value_error>(j.is_object(), "vae", "config must be a JSON object");
     auto c = diffusers_defaults();
-    detail::vae_config_reader r{j, {}};
+    modules::detail::config_reader r{j, {}};
     if (r.has("_class_name") && j["_class_name"] != "AutoencoderKL")
         r.problems.push_back("\"_class_name\" = " + j["_class_name"].dump() + " is not an AutoencoderKL");
     r.read("in_channels", c.in_channels);
