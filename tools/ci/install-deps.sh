@@ -8,6 +8,8 @@ packages=(
   build-essential cmake g++ clang libclang-rt-14-dev
   libeigen3-dev libxtensor-dev xtl-dev librange-v3-dev nlohmann-json3-dev
   catch2 libbenchmark-dev libstb-dev libdnnl-dev zlib1g-dev
+  libonnx-dev libonnx-testdata libprotobuf-dev protobuf-compiler
+  libopenmpi-dev openmpi-bin
 )
 
 missing=()

@@ -185,6 +185,9 @@ struct dynamicid_paths {
     std::filesystem::path image_encoder{};  ///< CLIP-ViT-H folder (config.json + model.safetensors); optional
     std::filesystem::path imr{};            ///< IMR weights (.bin or .safetensors); optional
     std::filesystem::path keypoint_encoder{};  ///< defaults to imr with "IMR" replaced by "key_point_encoder"
+    /// The IMR's sizes; none: read from the weights' shapes, with the released
+    /// head width of 64 (heads = attention width / 64).
+    std::optional<modules::imr::imr_config> imr_config{};
 };
 
 /// DynamicID over the SD1.x text-to-image pipeline (its tokenizer, text
@@ -211,6 +214,33 @@ public:
                            " differs from the UNet's cross_attention_dim ", sd_.models().unet.settings().cross_attention_dim);
     }
 
+    /// The IMR's sizes from its weights' shapes (proj_in, feature_fusion, the
+    /// first disentangleNet layer); the head width is the released 64.
+    static modules::imr::imr_config infer_imr_config(context_t<B>& ctx, const modules::weight_source& source) {
+        modules::weight_binder<B, T> b(ctx, source);
+        const auto dims = [&](const char* key, index_t rank) {
+            const auto s = b.shape_of(key);
+            check<io_error>(s.has_value() && s->rank() == rank, "dynamicid", "IMR weights: '", key, "' is missing or not rank ", rank);
+            return *s;
+        };
+        modules::imr::imr_config c;
+        const auto proj_in = dims("proj_in.weight", 2), fusion1 = dims("feature_fusion.1.weight", 2),
+                   fusion4 = dims("feature_fusion.4.weight", 2), q = dims("disentangleNet.0.0.to_q.weight", 2),
+                   ff = dims("disentangleNet.0.2.1.weight", 2);
+        c.dim = proj_in[0];
+        c.embedding_dim = proj_in[1];
+        c.txt_dim = fusion1[1] - c.embedding_dim;
+        c.num_queries = fusion4[0] / c.dim;
+        c.ff_mult = ff[0] / c.dim;
+        c.dim_head = 64;
+        c.heads = q[0] / c.dim_head;
+        check<io_error>(c.txt_dim > 0 && c.num_queries * c.dim == fusion4[0] && c.ff_mult * c.dim == ff[0] && c.heads * c.dim_head == q[0] &&
+                            c.heads > 0,
+                        "dynamicid", "IMR weights have inconsistent sizes (attention width ", q[0],
+                        " is not a multiple of 64?); give dynamicid_paths::imr_config");
+        return c;
+    }
+
     /// Loads SD (DDIM from its scheduler config), the SAA checkpoint and the optional models.
     static dynamicid_pipeline load(context_t<B>& ctx, const dynamicid_paths& paths)
         requires std::same_as<Sampler, schedulers::ddim_scheduler>
@@ -224,12 +254,23 @@ public:
             const auto cfg = modules::clip::vision_config::from_json(nlohmann::json::parse(in));
             auto files = std::vector<std::filesystem::path>{paths.image_encoder / "model.safetensors"};
             models.set_image_encoder(ctx, modules::clip::vision_model<B, T>::load(ctx, modules::weight_source::open(files), cfg));
+            // The folder's preprocessor_config.json when it has one; otherwise
+            // CLIPImageProcessor's defaults with the tower's own input size.
+            if (std::ifstream pre(paths.image_encoder / "preprocessor_config.json"); pre) {
+                models.image_processor = modules::clip::image_processor(modules::clip::image_processor_config::from_json(nlohmann::json::parse(pre)));
+            } else {
+                modules::clip::image_processor_config pc;
+                pc.shortest_edge = pc.crop_height = pc.crop_width = cfg.image_size;
+                models.image_processor = modules::clip::image_processor(pc);
+            }
         }
         if (!paths.imr.empty()) {
             const auto open = [](const std::filesystem::path& p) {
                 return p.extension() == ".safetensors" ? modules::weight_source::open({p}) : io::open_torch_weights(p);
             };
-            models.imr = modules::imr::imr_model<B, T>::load(ctx, open(paths.imr), {});
+            const auto imr_source = open(paths.imr);
+            models.imr = modules::imr::imr_model<B, T>::load(ctx, imr_source,
+                                                             paths.imr_config ? *paths.imr_config : infer_imr_config(ctx, imr_source));
             auto kpe = paths.keypoint_encoder;
             if (kpe.empty()) {
                 std::string name = paths.imr.filename().string();
