@@ -20,6 +20,12 @@
 // Diffusion tools write, and "dynamicid" as JSON). Progress goes to stderr: a
 // bar on a terminal, otherwise a line about every tenth of the run.
 #include "png_text.hpp"
+#include "train_command.hpp"
+#if defined(DYNAMICID_CLI_FACE)
+#include "face_command.hpp"
+
+#include <dynamicid/face/photo.hpp>
+#endif
 
 #include <dynamicid/analysis/flops.hpp>
 #include <dynamicid/backends/cpu.hpp>
@@ -61,6 +67,8 @@ using clock_type = std::chrono::steady_clock;
 
 constexpr const char* usage_text =
     "usage: dynamicid generate --model PATH --prompt TEXT [options]\n"
+    "       dynamicid train anchor|imr --config FILE.json    (docs/training.md)\n"
+    "       dynamicid face analyze PHOTO [--models DIR] [--out FILE]   (builds with ONNX; docs/face.md)\n"
     "\n"
     "  --model PATH      a diffusers folder or an SD1.x .safetensors file (required)\n"
     "  --prompt TEXT     what to draw (required)\n"
@@ -78,6 +86,9 @@ constexpr const char* usage_text =
     "DynamicID (one --id per person; guidance defaults to 5 then):\n"
     "  --id EMB:REF[:BOX]    ArcFace embedding (.safetensors), reference image, optional box\n"
     "                        y_min,x_min,y_max,x_max as fractions (default: vertical strips)\n"
+    "  --id PHOTO[:BOX]      a photo alone: face, embedding, landmarks and pose found by the face\n"
+    "                        front end (buffalo_l ONNX models in --face-models DIR)\n"
+    "  --face-models DIR     insightface buffalo_l folder (default $DYNAMICID_FACE_MODELS, else models/buffalo_l)\n"
     "  --saa FILE            SAA.bin, its .safetensors conversion or an IP-Adapter-FaceID-Plus file\n"
     "  --image-encoder DIR   CLIP-ViT-H/14 folder (config.json, model.safetensors)\n"
     "  --imr FILE            IMR weights, for edits (key_point_encoder file found by name, or --kpe FILE)\n"
@@ -116,7 +127,7 @@ struct cli_options {
         std::optional<std::string> expression{}, pose{}, edit{}, source_prompt{}, landmarks{}, target_landmarks{};
     };
     std::vector<identity> ids;
-    std::optional<std::string> saa, image_encoder, imr, kpe, maps;
+    std::optional<std::string> saa, image_encoder, imr, kpe, maps, face_models;
     double id_scale = 1.0, beta = 4.0, threshold = 0.3;
     std::optional<std::size_t> boost_steps;
     std::optional<double> alpha, mix;
@@ -182,6 +193,7 @@ cli_options parse(int argc, char** argv) {
         else if (flag == "--image-encoder") o.image_encoder = value;
         else if (flag == "--imr") o.imr = value;
         else if (flag == "--kpe") o.kpe = value;
+        else if (flag == "--face-models") o.face_models = value;
         else if (flag == "--expression") last_id(flag).expression = value;
         else if (flag == "--pose") last_id(flag).pose = value;
         else if (flag == "--edit") last_id(flag).edit = value;
@@ -307,23 +319,63 @@ dynamicid::modules::imr::face_pose parse_pose(const std::string& text) {
     return pose;
 }
 
-dynamicid::pipelines::dynamicid_identity make_identity(const cli_options::identity& spec, dynamicid::index_t arcface_width) {
+/// The identity's embedding: the tensor "embedding" (as `dynamicid face analyze --out` writes it) or the file's only tensor.
+std::vector<float> load_embedding(const std::string& path, dynamicid::index_t width) {
+    const auto f = dynamicid::io::safetensors_file::open(path);
+    return dynamicid::pipelines::load_arcface(path, f.contains("embedding") ? "embedding" : "", width);
+}
+
+bool is_safetensors(const std::string& path) { return fs::path(path).extension() == ".safetensors"; }
+
+dynamicid::pipelines::dynamicid_identity make_identity(const cli_options::identity& spec, dynamicid::index_t arcface_width,
+                                                       const cli_options& o) {
     namespace imr = dynamicid::modules::imr;
     std::vector<std::string> parts;
     std::stringstream in(spec.spec);
     std::string part;
     while (std::getline(in, part, ':')) parts.push_back(part);
-    if (parts.size() < 2 || parts.size() > 3 || parts[0].empty() || parts[1].empty())
-        throw usage_error{"--id '" + spec.spec + "' is not EMBEDDING.safetensors:REFERENCE.png[:y_min,x_min,y_max,x_max]"};
+    const bool photo = !parts.empty() && !is_safetensors(parts[0]);
     dynamicid::pipelines::dynamicid_identity who;
-    who.arcface = dynamicid::pipelines::load_arcface(parts[0], {}, arcface_width);
-    who.reference = dynamicid::modules::clip::load_image(parts[1]);
-    if (parts.size() == 3) who.box = parse_box(parts[2]);
+    std::optional<std::vector<float>> photo_landmarks;
+    std::optional<std::string> photo_source_prompt;
+    if (photo) {
+        if (parts.size() < 1 || parts.size() > 2 || parts[0].empty())
+            throw usage_error{"--id '" + spec.spec + "' is not PHOTO[:y_min,x_min,y_max,x_max]"};
+#if defined(DYNAMICID_CLI_FACE)
+        const fs::path models = o.face_models ? fs::path(*o.face_models) : dynamicid_cli::default_face_models();
+        std::fprintf(stderr, "analysing %s with the face models in %s ...\n", parts[0].c_str(), models.c_str());
+        const auto face = dynamicid_cli::analyze_face_photo(parts[0], models, o.threads);
+        if (static_cast<dynamicid::index_t>(face.embedding.size()) != arcface_width)
+            throw std::runtime_error("the recognition model gives " + std::to_string(face.embedding.size()) +
+                                     " values; the projection expects " + std::to_string(arcface_width));
+        who.arcface = face.embedding;
+        who.reference = dynamicid::face::load_photo(parts[0]);  // CLIP sees the whole photo, upright, as released
+        // The released landmark raster is drawn on the photo resized to 512 x 512.
+        std::vector<float> pts;
+        for (const auto& p : face.landmarks_106) {
+            pts.push_back(static_cast<float>(p[0] * 512.0 / static_cast<double>(who.reference->width)));
+            pts.push_back(static_cast<float>(p[1] * 512.0 / static_cast<double>(who.reference->height)));
+        }
+        photo_landmarks = std::move(pts);
+        photo_source_prompt = imr::inference_prompt(imr::expression::neutral, imr::pose_from_angles(face.pose.pitch, face.pose.yaw));
+        if (parts.size() == 2) who.box = parse_box(parts[1]);
+#else
+        (void)o;
+        throw usage_error{"--id '" + spec.spec + "': this build has no face front end (ONNX was not found); give EMBEDDING.safetensors:REFERENCE"};
+#endif
+    } else {
+        if (parts.size() < 2 || parts.size() > 3 || parts[0].empty() || parts[1].empty())
+            throw usage_error{"--id '" + spec.spec + "' is not EMBEDDING.safetensors:REFERENCE.png[:y_min,x_min,y_max,x_max]"};
+        who.arcface = load_embedding(parts[0], arcface_width);
+        who.reference = dynamicid::modules::clip::load_image(parts[1]);
+        if (parts.size() == 3) who.box = parse_box(parts[2]);
+    }
     if (spec.expression || spec.pose || spec.edit) {
-        if (!spec.landmarks)
+        if (!spec.landmarks && !photo_landmarks)
             throw usage_error{"the edit of --id '" + spec.spec + "' needs --landmarks FILE (106 points of the reference)"};
         dynamicid::pipelines::dynamicid_edit e;
-        e.source_prompt = spec.source_prompt.value_or(imr::inference_prompt(imr::expression::neutral, imr::face_pose{}));
+        e.source_prompt = spec.source_prompt.value_or(
+            photo_source_prompt.value_or(imr::inference_prompt(imr::expression::neutral, imr::face_pose{})));
         if (spec.edit) {
             e.target_prompt = *spec.edit;
         } else {
@@ -332,7 +384,13 @@ dynamicid::pipelines::dynamicid_identity make_identity(const cli_options::identi
             const std::string expr = known ? std::string(imr::classifier_label(*known)) : word;
             e.target_prompt = imr::inference_prompt(expr, imr::pose_words(spec.pose ? parse_pose(*spec.pose) : imr::face_pose{}));
         }
-        e.source_landmarks = landmark_raster(*spec.landmarks);
+        if (spec.landmarks) {
+            e.source_landmarks = landmark_raster(*spec.landmarks);
+        } else {
+            std::vector<dynamicid::modules::imr::landmark_point> points;
+            for (std::size_t i = 0; i + 1 < photo_landmarks->size(); i += 2) points.push_back({(*photo_landmarks)[i], (*photo_landmarks)[i + 1]});
+            e.source_landmarks = dynamicid::modules::imr::rasterize_landmarks(points);
+        }
         if (spec.target_landmarks) e.target_landmarks = landmark_raster(*spec.target_landmarks);
         who.edit = std::move(e);
     } else if (spec.landmarks || spec.target_landmarks || spec.source_prompt) {
@@ -355,7 +413,7 @@ int generate_with_identities(const cli_options& o) {
 
     std::vector<dynamicid::pipelines::dynamicid_identity> ids;
     const auto arcface_width = pipe.models().projection.settings().id_embeddings_dim;
-    for (const auto& spec : o.ids) ids.push_back(make_identity(spec, arcface_width));
+    for (const auto& spec : o.ids) ids.push_back(make_identity(spec, arcface_width, o));
 
     dynamicid::pipelines::dynamicid_options opts{.prompt = *o.prompt,
                                                  .negative_prompt = o.negative,
@@ -500,6 +558,10 @@ int main(int argc, char** argv) {
     const std::string_view command = argc >= 2 ? argv[1] : "";
     try {
         if (command == "generate") return generate(argc, argv);
+        if (command == "train") return dynamicid_cli::run_train_command(argc - 1, argv + 1);
+#if defined(DYNAMICID_CLI_FACE)
+        if (command == "face") return dynamicid_cli::run_face_command(argc - 1, argv + 1);
+#endif
         if (command == "--version") {
             std::printf("dynamicid %s\n", dynamicid::version.string);
             return 0;

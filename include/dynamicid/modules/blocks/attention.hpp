@@ -26,10 +26,16 @@
 //         {.query_dim = 512, .heads = 1, .dim_head = 512, .bias = true, .norm_num_groups = 32, .norm_eps = 1e-6,
 //          .residual_connection = true});
 //     auto z = vae_attn.forward_spatial(ctx, h);      // h (B, 512, H, W)
+//
+// Training on tokens (frozen projections: input gradients only):
+//
+//     auto [y, saved] = attn.forward_train(ctx, x, &text);
+//     auto g = attn.backward(ctx, saved, grad_y);     // g.input (B, N, 320), g.context (B, 77, 768)
 #pragma once
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/detail/frozen.hpp>
 #include <dynamicid/modules/layers.hpp>
 #include <dynamicid/modules/weights.hpp>
 #include <dynamicid/ops.hpp>
@@ -38,6 +44,7 @@
 #include <cstdint>
 #include <functional>
 #include <string_view>
+#include <utility>
 
 namespace dynamicid::modules::blocks {
 
@@ -151,6 +158,63 @@ public:
         return ops::permute(ctx, t.reshape({batch, config_.heads, n, config_.dim_head}), {0, 2, 1, 3}).reshape({batch, n, inner_dim()});
     }
 
+    /// What backward needs: the projections' inputs are not kept (frozen weights).
+    struct saved {
+        ops::linear_saved<B, T> to_q, to_k, to_v, to_out;
+        ops::attention_saved<B, T> attention;
+        bool self_attention = true;
+        index_t batch = 0, queries = 0, keys = 0;
+    };
+    /// Gradients w.r.t. the tokens and the context (undefined for self-attention).
+    struct grads {
+        tensor_type input, context;
+    };
+
+    /// forward() on tokens keeping what backward() needs (the group-norm variant is not differentiable here).
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x, const tensor_type* context = nullptr) const {
+        using modules::detail::frozen_forward;
+        check_tokens(x);
+        check<unsupported_error>(config_.norm_num_groups == 0, "attention", "training through the group-norm variant is not supported");
+        const tensor_type& c = context ? *context : x;
+        check<shape_error>(c.rank() == 3 && c.dim(0) == x.dim(0) && c.dim(2) == config_.cross_attention_dim, "attention", "context ",
+                           c.shape().str(), " is not (", x.dim(0), ", L, ", config_.cross_attention_dim, ")");
+        saved s;
+        s.self_attention = context == nullptr;
+        s.batch = x.dim(0);
+        s.queries = x.dim(1);
+        s.keys = c.dim(1);
+        auto [q, sq] = frozen_forward(ctx, params_.to_q, x);
+        auto [k, sk] = frozen_forward(ctx, params_.to_k, c);
+        auto [v, sv] = frozen_forward(ctx, params_.to_v, c);
+        const double scale = 1.0 / std::sqrt(static_cast<double>(config_.dim_head));
+        auto [o, sa] = ops::attention_forward(ctx, split_heads(ctx, q), split_heads(ctx, k), split_heads(ctx, v), scale);
+        auto [out, so] = frozen_forward(ctx, params_.to_out, merge_heads(ctx, o, s.batch, s.queries));
+        s.to_q = std::move(sq);
+        s.to_k = std::move(sk);
+        s.to_v = std::move(sv);
+        s.attention = std::move(sa);
+        s.to_out = std::move(so);
+        return {finish_residual(ctx, out, x), std::move(s)};
+    }
+
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::frozen_backward;
+        check<shape_error>(grad_output.shape() == shape{s.batch, s.queries, config_.query_dim}, "attention", "gradient ",
+                           grad_output.shape().str(), " is not (", s.batch, ", ", s.queries, ", ", config_.query_dim, ")");
+        const auto g = config_.rescale_output_factor != 1.0 ? ops::scale(ctx, grad_output, 1.0 / config_.rescale_output_factor)
+                                                            : grad_output;
+        const auto d_heads = split_heads(ctx, frozen_backward(ctx, s.to_out, g));
+        const auto d = ops::attention_backward(ctx, s.attention, d_heads);
+        grads out;
+        out.input = frozen_backward(ctx, s.to_q, merge_heads(ctx, d.q, s.batch, s.queries));
+        auto dc = ops::add(ctx, frozen_backward(ctx, s.to_k, merge_heads(ctx, d.k, s.batch, s.keys)),
+                           frozen_backward(ctx, s.to_v, merge_heads(ctx, d.v, s.batch, s.keys)));
+        if (s.self_attention) out.input = ops::add(ctx, out.input, dc);
+        else out.context = std::move(dc);
+        if (config_.residual_connection) out.input = ops::add(ctx, out.input, g);
+        return out;
+    }
+
 private:
     void check_tokens(const tensor_type& x) const {
         check<shape_error>(x.rank() == 3 && x.dim(2) == config_.query_dim, "attention", "input ", x.shape().str(), " is not (B, N, ",
@@ -203,5 +267,35 @@ struct attention_call {
 /// `call.attn.forward(ctx, call.hidden_states, call.context)`.
 template <class B, class T>
 using attention_processor = std::function<tensor<B, T>(context_t<B>&, const attention_call<B, T>&)>;
+
+/// Gradients an attention layer's backward returns: w.r.t. its
+/// hidden_states and, for cross-attention, its context.
+template <class B, class T>
+struct attention_input_grads {
+    tensor<B, T> hidden_states, context;
+};
+
+/// What a training processor returns for one call: the output and the
+/// backward of this very call (a closure owning the call's saved state).
+/// The backward returns input gradients and delivers the processor's own
+/// parameter gradients wherever the processor was told to (e.g. a
+/// training::parameter_gradients board).
+template <class B, class T>
+struct attention_record {
+    tensor<B, T> output;
+    std::function<attention_input_grads<B, T>(context_t<B>&, const tensor<B, T>&)> backward;
+};
+
+/// The training variant of attention_processor.
+///
+///     blocks::training_attention_processor<B, float> p = [](auto& ctx, const auto& call) {
+///         auto [y, saved] = call.attn.forward_train(ctx, call.hidden_states, call.context);
+///         return blocks::attention_record<B, float>{y, [&attn = call.attn, saved](auto& ctx, const auto& g) {
+///             auto d = attn.backward(ctx, saved, g);
+///             return blocks::attention_input_grads<B, float>{d.input, d.context};
+///         }};
+///     };
+template <class B, class T>
+using training_attention_processor = std::function<attention_record<B, T>(context_t<B>&, const attention_call<B, T>&)>;
 
 }  // namespace dynamicid::modules::blocks

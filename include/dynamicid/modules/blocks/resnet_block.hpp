@@ -16,16 +16,23 @@
 //         bind, {.in_channels = 320, .out_channels = 320, .temb_channels = 1280, .groups = 32, .eps = 1e-5});
 //     bind.finish();
 //     auto y = block.forward(ctx, x, &temb);   // x (N, 320, H, W), temb (N, 1280)
+//
+// Training (frozen weights, input gradients only):
+//
+//     auto [y, saved] = block.forward_train(ctx, x, &temb);
+//     auto g = block.backward(ctx, saved, grad_y);   // g.input (N, 320, H, W), g.temb (N, 1280)
 #pragma once
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/detail/frozen.hpp>
 #include <dynamicid/modules/layers.hpp>
 #include <dynamicid/modules/weights.hpp>
 #include <dynamicid/ops.hpp>
 
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace dynamicid::modules::blocks {
 
@@ -97,6 +104,80 @@ public:
         const auto shortcut = *c.use_in_shortcut ? params_.conv_shortcut(ctx, x) : x;
         auto out = ops::add(ctx, shortcut, h);
         if (c.output_scale_factor != 1.0) out = ops::scale(ctx, out, 1.0 / c.output_scale_factor);
+        return out;
+    }
+
+    /// What backward needs (nothing for the frozen weights beyond what input gradients use).
+    struct saved {
+        modules::detail::group_norm_saved<B, T> norm1, norm2;
+        ops::unary_saved<B, T> act1, act2, act_temb;
+        ops::conv2d_saved<B, T> conv1, conv2, conv_shortcut;
+        ops::linear_saved<B, T> time_emb_proj;
+        bool has_temb = false;
+    };
+    /// Gradients w.r.t. the inputs (temb undefined when the block has no time embedding).
+    struct grads {
+        tensor_type input, temb;
+    };
+
+    /// forward() keeping what backward() needs.
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x, const tensor_type* temb = nullptr) const {
+        using modules::detail::frozen_forward;
+        const auto& c = config_;
+        check<shape_error>(x.rank() == 4 && x.dim(1) == c.in_channels, "resnet_block", "input ", x.shape().str(), " is not (N, ",
+                           c.in_channels, ", H, W)");
+        saved s;
+        auto [n1, sn1] = frozen_forward(ctx, params_.norm1, x);
+        auto [a1, sa1] = ops::unary_forward(ctx, unary_op::silu, n1);
+        auto [h, sc1] = frozen_forward(ctx, params_.conv1, a1);
+        s.norm1 = std::move(sn1);
+        s.act1 = std::move(sa1);
+        s.conv1 = std::move(sc1);
+        if (c.temb_channels > 0) {
+            check<value_error>(temb && temb->defined(), "resnet_block", "this block needs a time embedding");
+            check<shape_error>(temb->rank() == 2 && temb->dim(0) == x.dim(0) && temb->dim(1) == c.temb_channels, "resnet_block",
+                               "time embedding ", temb->shape().str(), " is not (", x.dim(0), ", ", c.temb_channels, ")");
+            auto [at, sat] = ops::unary_forward(ctx, unary_op::silu, *temb);
+            auto [t, stp] = frozen_forward(ctx, params_.time_emb_proj, at);
+            s.act_temb = std::move(sat);
+            s.time_emb_proj = std::move(stp);
+            s.has_temb = true;
+            h = ops::add(ctx, h, t.reshape({x.dim(0), c.out_channels, 1, 1}));
+        }
+        auto [n2, sn2] = frozen_forward(ctx, params_.norm2, h);
+        auto [a2, sa2] = ops::unary_forward(ctx, unary_op::silu, n2);
+        auto [h2, sc2] = frozen_forward(ctx, params_.conv2, a2);
+        s.norm2 = std::move(sn2);
+        s.act2 = std::move(sa2);
+        s.conv2 = std::move(sc2);
+        tensor_type shortcut = x;
+        if (*c.use_in_shortcut) {
+            auto [y, ss] = frozen_forward(ctx, params_.conv_shortcut, x);
+            shortcut = y;
+            s.conv_shortcut = std::move(ss);
+        }
+        auto out = ops::add(ctx, shortcut, h2);
+        if (c.output_scale_factor != 1.0) out = ops::scale(ctx, out, 1.0 / c.output_scale_factor);
+        return {out, std::move(s)};
+    }
+
+    /// Gradients w.r.t. x and temb for grad_output (N, out_channels, H, W).
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::frozen_backward;
+        const auto& c = config_;
+        check<shape_error>(grad_output.rank() == 4 && grad_output.dim(1) == c.out_channels, "resnet_block", "gradient ",
+                           grad_output.shape().str(), " is not (N, ", c.out_channels, ", H, W)");
+        const auto g = c.output_scale_factor != 1.0 ? ops::scale(ctx, grad_output, 1.0 / c.output_scale_factor) : grad_output;
+        auto d = frozen_backward(ctx, s.conv2, g);
+        d = frozen_backward(ctx, s.norm2, ops::unary_backward(ctx, s.act2, d));
+        grads out;
+        if (s.has_temb) {
+            const auto dt = ops::sum(ctx, d, {2, 3}).reshape({d.dim(0), d.dim(1)});
+            out.temb = ops::unary_backward(ctx, s.act_temb, frozen_backward(ctx, s.time_emb_proj, dt));
+        }
+        d = frozen_backward(ctx, s.conv1, d);
+        d = frozen_backward(ctx, s.norm1, ops::unary_backward(ctx, s.act1, d));
+        out.input = ops::add(ctx, d, *c.use_in_shortcut ? frozen_backward(ctx, s.conv_shortcut, g) : g);
         return out;
     }
 

@@ -26,10 +26,19 @@
 //     auto source = dynamicid::modules::weight_source::open({"IMR.safetensors"});
 //     auto imr = dynamicid::modules::imr::imr_model<dynamicid::cpu_backend>::load(ctx, source, {});
 //     auto edited = imr.forward(ctx, tokens, src_landmark, tgt_landmarks, src_text, tgt_texts);   // (T, 4, 768)
+//
+// Training (any depth of either half): forward_train keeps what backward
+// needs; backward returns a `params` of weight gradients and, with
+// ops::needs::input, the gradients of all five inputs (the landmark features
+// carry the gradient on to the KeyPointEncoder). No dropout, no train/eval switch.
+//
+//     auto [edited, saved] = imr.forward_train(ctx, tokens, src_landmark, tgt_landmarks, src_text, tgt_texts);
+//     auto g = imr.backward(ctx, saved, grad_edited);   // g.weights.entangle[0].cross.to_q.weight, g.tgt_landmark, ...
 #pragma once
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/detail/backprop.hpp>
 #include <dynamicid/modules/dynamicid/detail/heads.hpp>
 #include <dynamicid/modules/layers.hpp>
 #include <dynamicid/modules/weights.hpp>
@@ -39,6 +48,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -154,18 +164,8 @@ public:
     tensor_type forward(context_t<B>& ctx, const tensor_type& tokens, const tensor_type& src_landmark, const tensor_type& tgt_landmark,
                         const tensor_type& src_text, const tensor_type& tgt_text) const {
         const auto& c = config_;
-        check<shape_error>(tokens.rank() == 3 && tokens.dim(0) == 1 && tokens.dim(2) == c.embedding_dim, "imr", "tokens ",
-                           tokens.shape().str(), " is not (1, n, ", c.embedding_dim, ")");
-        const auto check_2d = [](const tensor_type& t, index_t rows, index_t width, const char* what) {
-            check<shape_error>(t.rank() == 2 && (rows < 0 || t.dim(0) == rows) && t.dim(1) == width, "imr", what, " ", t.shape().str(),
-                               " is not (", rows < 0 ? std::string("T") : std::to_string(rows), ", ", width, ")");
-        };
-        check_2d(src_landmark, 1, c.embedding_dim, "src_landmark");
-        check_2d(src_text, 1, c.txt_dim, "src_text");
-        check_2d(tgt_landmark, -1, c.embedding_dim, "tgt_landmark");
+        check_inputs(tokens, src_landmark, tgt_landmark, src_text, tgt_text);
         const index_t targets = tgt_landmark.dim(0);
-        check<shape_error>(targets >= 1, "imr", "no targets");
-        check_2d(tgt_text, targets, c.txt_dim, "tgt_text");
 
         // Source and targets through feature_fusion together: (1 + T, num_queries, dim).
         const auto motion = ops::concat(ctx, std::vector<tensor_type>{ops::concat(ctx, std::vector<tensor_type>{src_landmark, src_text}, 1),
@@ -185,10 +185,193 @@ public:
         return p.proj_out(ctx, p.norm_out(ctx, x));
     }
 
+    /// One layer's saved state: cross attention, self-attention, feed-forward.
+    struct layer_saved {
+        modules::detail::perceiver_saved<B, T> cross;
+        ops::norm_saved<B, T> self_norm;
+        modules::detail::mha_saved<B, T> self;
+        modules::detail::feed_forward_saved<B, T> ff;
+    };
+    /// What backward needs from forward_train.
+    struct saved_state {
+        ops::norm_saved<B, T> fusion_norm0, fusion_norm3, norm_in, norm_out;
+        ops::linear_saved<B, T> fusion_linear1, fusion_linear4, proj_in, proj_out;
+        ops::unary_saved<B, T> fusion_act2, fusion_act5;
+        std::vector<layer_saved> disentangle, entangle;
+        index_t targets = 0, tokens = 0;
+        ops::needs need;
+    };
+    /// Gradients: `weights` mirrors params (undefined when params were not asked
+    /// for); the five input gradients are defined when inputs were.
+    struct grads {
+        params weights;
+        tensor_type tokens, src_landmark, tgt_landmark, src_text, tgt_text;
+    };
+
+    /// forward() keeping what backward needs. `need.input`: gradients for the
+    /// five inputs; `need.params`: for the weights.
+    std::pair<tensor_type, saved_state> forward_train(context_t<B>& ctx, const tensor_type& tokens, const tensor_type& src_landmark,
+                                                      const tensor_type& tgt_landmark, const tensor_type& src_text,
+                                                      const tensor_type& tgt_text, ops::needs need = {}) const {
+        using modules::detail::ptr_if;
+        using modules::detail::with_params;
+        const auto& c = config_;
+        check_inputs(tokens, src_landmark, tgt_landmark, src_text, tgt_text);
+        const index_t targets = tgt_landmark.dim(0);
+        const bool pw = need.params;
+        saved_state s;
+        s.targets = targets;
+        s.tokens = tokens.dim(1);
+        s.need = need;
+        const auto& p = params_;
+        const auto motion = ops::concat(ctx, std::vector<tensor_type>{ops::concat(ctx, std::vector<tensor_type>{src_landmark, src_text}, 1),
+                                                                      ops::concat(ctx, std::vector<tensor_type>{tgt_landmark, tgt_text}, 1)},
+                                        0);
+        tensor_type h, x;
+        std::tie(h, s.fusion_norm0) = ops::layer_norm_forward(ctx, motion, ptr_if(p.fusion_norm0.weight), ptr_if(p.fusion_norm0.bias),
+                                                              p.fusion_norm0.eps);
+        std::tie(h, s.fusion_linear1) = ops::linear_forward(ctx, h, p.fusion_linear1.weight, ptr_if(p.fusion_linear1.bias), with_params(pw));
+        std::tie(h, s.fusion_act2) = ops::unary_forward(ctx, unary_op::gelu_erf, h);
+        std::tie(h, s.fusion_norm3) =
+            ops::layer_norm_forward(ctx, h, ptr_if(p.fusion_norm3.weight), ptr_if(p.fusion_norm3.bias), p.fusion_norm3.eps);
+        std::tie(h, s.fusion_linear4) = ops::linear_forward(ctx, h, p.fusion_linear4.weight, ptr_if(p.fusion_linear4.bias), with_params(pw));
+        std::tie(h, s.fusion_act5) = ops::unary_forward(ctx, unary_op::gelu_erf, h);
+        const auto latents = h.reshape({1 + targets, c.num_queries, c.dim});
+        const auto src_latents = latents.narrow_leading(0, 1);
+        const auto tgt_latents = latents.narrow_leading(1, targets);
+
+        std::tie(x, s.norm_in) = ops::layer_norm_forward(ctx, tokens, ptr_if(p.norm_in.weight), ptr_if(p.norm_in.bias), p.norm_in.eps);
+        // norm_in's weights need the gradient through proj_in as much as the tokens do.
+        std::tie(x, s.proj_in) =
+            ops::linear_forward(ctx, x, p.proj_in.weight, ptr_if(p.proj_in.bias), {.input = need.input || pw, .params = pw});
+        for (const auto& layer : p.disentangle) s.disentangle.push_back(train_layer(ctx, layer, x, src_latents, pw));
+        if (targets > 1) x = ops::concat(ctx, std::vector<tensor_type>(static_cast<std::size_t>(targets), x), 0);
+        for (const auto& layer : p.entangle) s.entangle.push_back(train_layer(ctx, layer, x, tgt_latents, pw));
+        std::tie(x, s.norm_out) = ops::layer_norm_forward(ctx, x, ptr_if(p.norm_out.weight), ptr_if(p.norm_out.bias), p.norm_out.eps);
+        std::tie(x, s.proj_out) = ops::linear_forward(ctx, x, p.proj_out.weight, ptr_if(p.proj_out.bias), with_params(pw));
+        return {x, std::move(s)};
+    }
+
+    /// Gradients of sum(output * grad_output) for the state of one forward_train.
+    grads backward(context_t<B>& ctx, const saved_state& s, const tensor_type& grad_output) const {
+        using modules::detail::add_grad;
+        using modules::detail::with_params;
+        const auto& c = config_;
+        check<shape_error>(grad_output.shape() == shape{s.targets, s.tokens, c.embedding_dim} &&
+                               s.disentangle.size() == params_.disentangle.size() && s.entangle.size() == params_.entangle.size(),
+                           "imr", "grad_output ", grad_output.shape().str(), " does not fit the saved forward");
+        const bool pw = s.need.params;
+        grads g;
+        auto& gw = g.weights;
+        const auto set_linear = [](linear& l, const ops::linear_grads<B, T>& lg) { l.weight = lg.weight, l.bias = lg.bias; };
+        const auto set_norm = [](norm& n, const ops::norm_grads<B, T>& ng) { n.weight = ng.gamma, n.bias = ng.beta; };
+
+        auto po = ops::linear_backward(ctx, s.proj_out, grad_output);
+        set_linear(gw.proj_out, po);
+        auto no = ops::layer_norm_backward(ctx, s.norm_out, po.input, with_params(pw));
+        set_norm(gw.norm_out, no);
+        tensor_type d_x = no.input, d_src, d_tgt;
+        gw.entangle.resize(s.entangle.size());
+        for (std::size_t i = s.entangle.size(); i-- > 0;) d_tgt = add_grad(ctx, d_tgt, backward_layer(ctx, s.entangle[i], d_x, gw.entangle[i], pw));
+        // x was repeated once per target: its gradient is the sum over the copies.
+        if (s.targets > 1) d_x = ops::sum(ctx, d_x, {0});
+        gw.disentangle.resize(s.disentangle.size());
+        for (std::size_t i = s.disentangle.size(); i-- > 0;)
+            d_src = add_grad(ctx, d_src, backward_layer(ctx, s.disentangle[i], d_x, gw.disentangle[i], pw));
+        auto pi = ops::linear_backward(ctx, s.proj_in, d_x);
+        set_linear(gw.proj_in, pi);
+        if (pi.input.defined()) {
+            auto ni = ops::layer_norm_backward(ctx, s.norm_in, pi.input, {.input = s.need.input, .params = pw});
+            set_norm(gw.norm_in, ni);
+            g.tokens = ni.input;
+        }
+
+        // Latents that reached no layer get a zero gradient.
+        if (!d_src.defined()) d_src = tensor_type::zeros(ctx, {1, c.num_queries, c.dim});
+        if (!d_tgt.defined()) d_tgt = tensor_type::zeros(ctx, {s.targets, c.num_queries, c.dim});
+        auto d_h = ops::concat(ctx, std::vector<tensor_type>{d_src, d_tgt}, 0).reshape({1 + s.targets, c.num_queries * c.dim});
+        auto l4 = ops::linear_backward(ctx, s.fusion_linear4, ops::unary_backward(ctx, s.fusion_act5, d_h));
+        set_linear(gw.fusion_linear4, l4);
+        auto n3 = ops::layer_norm_backward(ctx, s.fusion_norm3, l4.input, with_params(pw));
+        set_norm(gw.fusion_norm3, n3);
+        auto l1 = ops::linear_backward(ctx, s.fusion_linear1, ops::unary_backward(ctx, s.fusion_act2, n3.input));
+        set_linear(gw.fusion_linear1, l1);
+        if (!s.need.input && !pw) return g;
+        auto n0 = ops::layer_norm_backward(ctx, s.fusion_norm0, l1.input, {.input = s.need.input, .params = pw});
+        set_norm(gw.fusion_norm0, n0);
+        if (s.need.input) {
+            const auto d_src_motion = n0.input.narrow_leading(0, 1), d_tgt_motion = n0.input.narrow_leading(1, s.targets);
+            g.src_landmark = ops::slice(ctx, d_src_motion, 1, 0, c.embedding_dim);
+            g.src_text = ops::slice(ctx, d_src_motion, 1, c.embedding_dim, c.txt_dim);
+            g.tgt_landmark = ops::slice(ctx, d_tgt_motion, 1, 0, c.embedding_dim);
+            g.tgt_text = ops::slice(ctx, d_tgt_motion, 1, c.embedding_dim, c.txt_dim);
+        }
+        return g;
+    }
+
     const config& settings() const noexcept { return config_; }
     const params& weights() const noexcept { return params_; }
 
 private:
+    void check_inputs(const tensor_type& tokens, const tensor_type& src_landmark, const tensor_type& tgt_landmark,
+                      const tensor_type& src_text, const tensor_type& tgt_text) const {
+        const auto& c = config_;
+        check<shape_error>(tokens.rank() == 3 && tokens.dim(0) == 1 && tokens.dim(2) == c.embedding_dim, "imr", "tokens ",
+                           tokens.shape().str(), " is not (1, n, ", c.embedding_dim, ")");
+        const auto check_2d = [](const tensor_type& t, index_t rows, index_t width, const char* what) {
+            check<shape_error>(t.rank() == 2 && (rows < 0 || t.dim(0) == rows) && t.dim(1) == width, "imr", what, " ", t.shape().str(),
+                               " is not (", rows < 0 ? std::string("T") : std::to_string(rows), ", ", width, ")");
+        };
+        check_2d(src_landmark, 1, c.embedding_dim, "src_landmark");
+        check_2d(src_text, 1, c.txt_dim, "src_text");
+        check_2d(tgt_landmark, -1, c.embedding_dim, "tgt_landmark");
+        const index_t targets = tgt_landmark.dim(0);
+        check<shape_error>(targets >= 1, "imr", "no targets");
+        check_2d(tgt_text, targets, c.txt_dim, "tgt_text");
+    }
+
+    /// apply_layer keeping what backward needs; x is updated in place.
+    layer_saved train_layer(context_t<B>& ctx, const layer_params& l, tensor_type& x, const tensor_type& motion, bool pw) const {
+        using modules::detail::ptr_if;
+        const auto& c = config_;
+        layer_saved ls;
+        tensor_type y, xn;
+        const auto& a = l.cross;
+        std::tie(y, ls.cross) = modules::detail::perceiver_forward<B, T>(ctx, {a.norm1.weight, a.norm1.bias, a.norm1.eps},
+                                                                         {a.norm2.weight, a.norm2.bias, a.norm2.eps}, a.to_q.weight,
+                                                                         a.to_kv.weight, a.to_out.weight, motion, x, c.heads, c.dim_head, pw);
+        x = ops::add(ctx, x, y);
+        const auto& sa = l.self;
+        std::tie(xn, ls.self_norm) = ops::layer_norm_forward(ctx, x, ptr_if(sa.norm1.weight), ptr_if(sa.norm1.bias), sa.norm1.eps);
+        std::tie(y, ls.self) = modules::detail::mha_forward(ctx, sa.to_q.weight, sa.to_kv.weight, sa.to_out.weight, xn, xn, c.heads,
+                                                            c.dim_head, pw);
+        x = ops::add(ctx, x, y);
+        const auto& f = l.ff;
+        std::tie(y, ls.ff) = modules::detail::feed_forward_forward(ctx, x, f.norm0.weight, f.norm0.bias, f.norm0.eps, f.up.weight,
+                                                                   f.down.weight, pw);
+        x = ops::add(ctx, x, y);
+        return ls;
+    }
+
+    /// Backward through one layer: d_x is updated in place, the motion latents' gradient returned.
+    tensor_type backward_layer(context_t<B>& ctx, const layer_saved& ls, tensor_type& d_x, layer_params& gl, bool pw) const {
+        using modules::detail::with_params;
+        auto f = modules::detail::feed_forward_backward(ctx, ls.ff, d_x, pw);
+        d_x = ops::add(ctx, d_x, f.input);
+        gl.ff.norm0.weight = f.norm_weight, gl.ff.norm0.bias = f.norm_bias, gl.ff.up.weight = f.up, gl.ff.down.weight = f.down;
+        auto m = modules::detail::mha_backward(ctx, ls.self, d_x);
+        auto n = ops::layer_norm_backward(ctx, ls.self_norm, ops::add(ctx, m.queries, m.kv_input), with_params(pw));
+        d_x = ops::add(ctx, d_x, n.input);
+        gl.self.norm1.weight = n.gamma, gl.self.norm1.bias = n.beta;
+        gl.self.to_q.weight = m.to_q, gl.self.to_kv.weight = m.to_kv, gl.self.to_out.weight = m.to_out;
+        auto a = modules::detail::perceiver_backward(ctx, ls.cross, d_x, pw);
+        d_x = ops::add(ctx, d_x, a.queries);
+        gl.cross.norm1.weight = a.norm1_weight, gl.cross.norm1.bias = a.norm1_bias;
+        gl.cross.norm2.weight = a.norm2_weight, gl.cross.norm2.bias = a.norm2_bias;
+        gl.cross.to_q.weight = a.to_q, gl.cross.to_kv.weight = a.to_kv, gl.cross.to_out.weight = a.to_out;
+        return a.context;
+    }
+
     tensor_type apply_layer(context_t<B>& ctx, const layer_params& l, tensor_type x, const tensor_type& motion) const {
         x = ops::add(ctx, x, cross_attention(ctx, l.cross, x, motion));
         x = ops::add(ctx, x, self_attention(ctx, l.self, x));

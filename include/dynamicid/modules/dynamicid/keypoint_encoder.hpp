@@ -10,17 +10,30 @@
 //
 // giving (B, embedding_dim, 1, 1). Channel counts come from the weights;
 // kernel, stride, padding and the residual flag from the config layout.
-// BatchNorm runs in eval mode: its running statistics, the conv bias and the
-// affine parameters are folded into one per-channel scale and shift when the
-// module is built (y = conv(x) * scale + shift).
+// forward() runs BatchNorm in eval mode: its running statistics, the conv
+// bias and the affine parameters are folded into one per-channel scale and
+// shift (y = conv(x) * scale + shift).
 //
 //     auto source = dynamicid::modules::weight_source::open({"key_point_encoder.safetensors"});
 //     auto enc = dynamicid::modules::imr::keypoint_encoder<dynamicid::cpu_backend>::load(ctx, source, {});
 //     auto features = enc.forward(ctx, landmark_image);     // (B, 1, 96, 96) -> (B, 768, 1, 1)
+//
+// Training: like torch.nn.BatchNorm2d, the module has a mode. In training
+// mode (train()) forward_train normalises with the batch's own statistics
+// (biased variance) and moves the running statistics towards them
+// (running = (1 - momentum) running + momentum batch, with the unbiased
+// variance); in eval mode (eval(), the default) it uses the running
+// statistics. backward gives a `params` of gradients (running statistics
+// undefined) and, with ops::needs::input, the landmark image's gradient.
+//
+//     enc.train();
+//     auto [features, saved] = enc.forward_train(ctx, landmark_images);    // updates running_mean / running_var
+//     auto g = enc.backward(ctx, saved, grad_features);                    // g.weights.blocks[i][j].conv_weight, ...
 #pragma once
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/detail/backprop.hpp>
 #include <dynamicid/modules/dynamicid/detail/heads.hpp>
 #include <dynamicid/modules/weights.hpp>
 #include <dynamicid/ops.hpp>
@@ -28,6 +41,7 @@
 #include <cmath>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -56,6 +70,7 @@ inline std::vector<std::vector<keypoint_unit>> released_keypoint_layout() {
 struct keypoint_encoder_config {
     std::vector<std::vector<keypoint_unit>> blocks = released_keypoint_layout();
     double batch_norm_eps = 1e-5;
+    double batch_norm_momentum = 0.1;  ///< torch's default: the weight of the batch statistics in the running update
 };
 
 template <class B, class T = float>
@@ -78,6 +93,8 @@ public:
     keypoint_encoder(context_t<B>& ctx, config cfg, params weights) : config_(std::move(cfg)), params_(std::move(weights)) {
         using modules::detail::expect_weight;
         check<value_error>(config_.batch_norm_eps >= 0.0, "keypoint_encoder", "batch_norm_eps must be >= 0");
+        check<value_error>(config_.batch_norm_momentum >= 0.0 && config_.batch_norm_momentum <= 1.0, "keypoint_encoder",
+                           "batch_norm_momentum must be in [0, 1]");
         check<shape_error>(params_.blocks.size() == config_.blocks.size(), "keypoint_encoder", params_.blocks.size(),
                            " weight blocks for a layout of ", config_.blocks.size());
         index_t channels = -1;
@@ -143,8 +160,7 @@ public:
 
     /// landmark_image (B, 1, H, W) -> (B, embedding_dim, h, w); (B, 768, 1, 1) for 96x96 with the released layout.
     tensor_type forward(context_t<B>& ctx, const tensor_type& landmark_image) const {
-        check<shape_error>(landmark_image.rank() == 4 && landmark_image.dim(1) == in_channels_, "keypoint_encoder", "landmark_image ",
-                           landmark_image.shape().str(), " is not (B, ", in_channels_, ", H, W)");
+        check_input(landmark_image);
         auto x = landmark_image;
         std::size_t k = 0;
         for (std::size_t i = 0; i < config_.blocks.size(); ++i)
@@ -163,7 +179,110 @@ public:
     const params& weights() const noexcept { return params_; }
     index_t embedding_dim() const noexcept { return out_channels_; }
 
+    /// Training mode: forward_train uses and updates batch statistics.
+    void train(bool on = true) noexcept { training_ = on; }
+    /// Eval mode (the default): forward_train uses the running statistics.
+    void eval() noexcept { training_ = false; }
+    bool training() const noexcept { return training_; }
+
+    /// One unit's saved state.
+    struct unit_saved {
+        ops::conv2d_saved<B, T> conv;
+        modules::detail::batch_norm_saved<B, T> norm;
+        ops::unary_saved<B, T> act;
+        bool residual = false;
+    };
+    /// What backward needs from forward_train.
+    struct saved_state {
+        std::vector<unit_saved> units;
+        ops::needs need;
+    };
+    /// Gradients: `weights` mirrors params (running statistics undefined);
+    /// landmark_image is defined when the input gradient was asked for.
+    struct grads {
+        params weights;
+        tensor_type landmark_image;
+    };
+
+    /// forward() keeping what backward needs, with BatchNorm in the current
+    /// mode. In training mode the running statistics are replaced by updated
+    /// tensors (the old ones, possibly shared, are left alone) and forward()
+    /// follows them. `need.input`: the landmark image's gradient (off by
+    /// default: the image is data); `need.params`: the weights'.
+    std::pair<tensor_type, saved_state> forward_train(context_t<B>& ctx, const tensor_type& landmark_image,
+                                                      ops::needs need = {.input = false, .params = true}) {
+        check_input(landmark_image);
+        saved_state s;
+        s.need = need;
+        auto x = landmark_image;
+        std::size_t k = 0;
+        const double m = config_.batch_norm_momentum;
+        for (std::size_t i = 0; i < config_.blocks.size(); ++i)
+            for (std::size_t j = 0; j < config_.blocks[i].size(); ++j, ++k) {
+                const auto& u = config_.blocks[i][j];
+                auto& p = params_.blocks[i][j];
+                unit_saved us;
+                us.residual = u.residual;
+                tensor_type y;
+                std::tie(y, us.conv) = ops::conv2d_forward(ctx, x, p.conv_weight, &p.conv_bias, {.stride = u.stride, .padding = u.padding},
+                                                           {.input = k > 0 || need.input, .params = need.params});
+                const index_t c = y.dim(1);
+                if (training_) {
+                    const index_t count = y.numel() / c;
+                    check<value_error>(count > 1, "keypoint_encoder", "training-mode BatchNorm needs more than one value per channel, got ",
+                                       y.shape().str(), " at block ", i, " unit ", j);
+                    const auto [mean, var] = modules::detail::batch_moments(ctx, y);
+                    std::tie(y, us.norm) = modules::detail::batch_norm_apply(ctx, y, mean, var, p.bn_weight, p.bn_bias,
+                                                                             config_.batch_norm_eps, true);
+                    const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+                    p.running_mean = ops::add_scaled(ctx, m, mean.reshape({c}), 1.0 - m, p.running_mean);
+                    p.running_var = ops::add_scaled(ctx, m * unbias, var.reshape({c}), 1.0 - m, p.running_var);
+                    folded_[k] = fold(ctx, p);
+                } else {
+                    std::tie(y, us.norm) = modules::detail::batch_norm_apply(ctx, y, p.running_mean.reshape({1, c, 1, 1}),
+                                                                             p.running_var.reshape({1, c, 1, 1}), p.bn_weight, p.bn_bias,
+                                                                             config_.batch_norm_eps, false);
+                }
+                if (u.residual) y = ops::add(ctx, y, x);
+                std::tie(x, us.act) = ops::unary_forward(ctx, unary_op::relu, y);
+                s.units.push_back(std::move(us));
+            }
+        return {x, std::move(s)};
+    }
+
+    /// Gradients of sum(output * grad_output) for the state of one forward_train.
+    grads backward(context_t<B>& ctx, const saved_state& s, const tensor_type& grad_output) const {
+        check<shape_error>(!s.units.empty() && grad_output.shape() == s.units.back().act.input.shape(), "keypoint_encoder", "grad_output ",
+                           grad_output.shape().str(), " does not fit the saved forward");
+        grads g;
+        for (const auto& block : config_.blocks) g.weights.blocks.emplace_back(block.size());
+        auto d = grad_output;
+        std::size_t k = s.units.size();
+        for (std::size_t i = config_.blocks.size(); i-- > 0;)
+            for (std::size_t j = config_.blocks[i].size(); j-- > 0;) {
+                const auto& us = s.units[--k];
+                d = ops::unary_backward(ctx, us.act, d);
+                const auto bn = modules::detail::batch_norm_backward(ctx, us.norm, d, {.input = true, .params = s.need.params});
+                const auto conv = ops::conv2d_backward(ctx, us.conv, bn.input);
+                auto& gu = g.weights.blocks[i][j];
+                gu.conv_weight = conv.weight;
+                // Batch statistics subtract the bias again: its gradient is exactly zero
+                // (what the backward kernels would return is rounding noise).
+                gu.conv_bias = us.norm.batch_statistics && conv.bias.defined() ? tensor_type::zeros(ctx, conv.bias.shape()) : conv.bias;
+                gu.bn_weight = bn.weight;
+                gu.bn_bias = bn.bias;
+                d = us.residual ? modules::detail::add_grad(ctx, conv.input, d) : conv.input;
+            }
+        if (s.need.input) g.landmark_image = d;
+        return g;
+    }
+
 private:
+    void check_input(const tensor_type& landmark_image) const {
+        check<shape_error>(landmark_image.rank() == 4 && landmark_image.dim(1) == in_channels_, "keypoint_encoder", "landmark_image ",
+                           landmark_image.shape().str(), " is not (B, ", in_channels_, ", H, W)");
+    }
+
     struct folded_unit {
         tensor_type scale, shift;  ///< (1, out, 1, 1)
     };
@@ -187,6 +306,7 @@ private:
     params params_;
     std::vector<folded_unit> folded_;
     index_t in_channels_ = 0, out_channels_ = 0;
+    bool training_ = false;
 };
 
 }  // namespace dynamicid::modules::imr

@@ -41,10 +41,25 @@
 //     saa::saa_controls c{.id_num = 2, .infer_scale = 2, .step = denoising_step};
 //     c.on_activation = [](const saa::activation_record& r) { /* heat map of r.normalized */ };
 //     auto out = proc.forward(ctx, hidden_states, encoder_hidden_states, c);
+//
+// Training: forward_train / backward give the gradients w.r.t. hidden_states
+// and encoder_hidden_states (text and identity tokens) and w.r.t. the
+// processor's own weights (LoRA down/up, to_k_ip, to_v_ip); the base
+// projections are frozen. The gate is differentiated as torch autograd does
+// through the released code: w' depends on the scores through the min-max
+// normalisation (the min and max pass their gradient to the arg-min and
+// arg-max query), the threshold is a constant 0/1 mask (queries below it get
+// no gradient), the layout boost is affine (its slope (beta + 1)^(boxes - 1)
+// scales the gradient), and the -inf identity mask and mix factors are
+// constants. In the tie case (max == min) the gate is 0 and gets no gradient.
+//
+//     auto [y, saved] = proc.forward_train(ctx, hidden_states, encoder_hidden_states, c);
+//     auto g = proc.backward(ctx, saved, grad_y);   // g.hidden_states, g.encoder_hidden_states, g.to_k_ip, g.to_q_lora.down, ...
 #pragma once
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/detail/frozen.hpp>
 #include <dynamicid/modules/dynamicid/detail/heads.hpp>
 #include <dynamicid/modules/layers.hpp>
 #include <dynamicid/modules/weights.hpp>
@@ -314,6 +329,35 @@ tensor<B, T> heads_attention(context_t<B>& ctx, const tensor<B, T>& q, const ten
 }
 
 template <class B, class T>
+struct lora_saved {
+    ops::linear_saved<B, T> base, down, up;
+    double scale = 1.0;
+};
+
+/// with_lora() keeping what backward needs: nothing for the frozen base weight's gradient, everything for the adapter's.
+template <class B, class T>
+std::pair<tensor<B, T>, lora_saved<B, T>> with_lora_forward(context_t<B>& ctx, const linear_layer<B, T>& base, const lora_layer<B, T>& lora,
+                                                            const lora_attention_config& c, const tensor<B, T>& x) {
+    double s = c.lora_scale;
+    if (c.network_alpha) s *= *c.network_alpha / static_cast<double>(lora.rank());
+    auto [b, sb] = modules::detail::frozen_forward(ctx, base, x);
+    auto [d, sd] = ops::linear_forward(ctx, x, lora.down);
+    auto [u, su] = ops::linear_forward(ctx, d, lora.up);
+    return {ops::add_scaled(ctx, 1.0, b, s, u), lora_saved<B, T>{std::move(sb), std::move(sd), std::move(su), s}};
+}
+
+/// Returns d input; writes the adapter's gradients.
+template <class B, class T>
+tensor<B, T> with_lora_backward(context_t<B>& ctx, const lora_saved<B, T>& s, const tensor<B, T>& g, lora_layer<B, T>& grads) {
+    const auto gs = s.scale != 1.0 ? ops::scale(ctx, g, s.scale) : g;
+    auto gu = ops::linear_backward(ctx, s.up, gs);
+    auto gd = ops::linear_backward(ctx, s.down, gu.input);
+    grads.up = gu.weight;
+    grads.down = gd.weight;
+    return ops::add(ctx, modules::detail::frozen_backward(ctx, s.base, g), gd.input);
+}
+
+template <class B, class T>
 void check_states(const tensor<B, T>& hidden_states, index_t hidden, const tensor<B, T>* encoder, index_t context) {
     check<shape_error>(hidden_states.rank() == 3 && hidden_states.dim(2) == hidden, "saa", "hidden_states ",
                        hidden_states.shape().str(), " is not (B, N, ", hidden, ")");
@@ -373,6 +417,57 @@ public:
         const auto v = detail::with_lora(ctx, p.to_v, p.to_v_lora, config_, source);
         const auto o = detail::heads_attention(ctx, q, k, v, config_.heads);
         return detail::with_lora(ctx, p.to_out, p.to_out_lora, config_, o);
+    }
+
+    struct saved {
+        detail::lora_saved<B, T> q, k, v, out;
+        ops::attention_saved<B, T> attention;
+        bool self_attention = true;
+    };
+    /// Input gradients and the adapters' gradients (down/up of each LoRA).
+    struct grads {
+        tensor_type hidden_states, encoder_hidden_states;  ///< the latter undefined for self-attention
+        lora_layer<B, T> to_q_lora, to_k_lora, to_v_lora, to_out_lora;
+    };
+
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& hidden_states,
+                                                const tensor_type* encoder_hidden_states = nullptr) const {
+        using modules::detail::split_heads;
+        detail::check_states(hidden_states, hidden_, encoder_hidden_states, context_);
+        const auto& p = params_;
+        const tensor_type& source = encoder_hidden_states ? *encoder_hidden_states : hidden_states;
+        check<shape_error>(encoder_hidden_states || context_ == hidden_, "saa", "self-attention needs to_k of width ", hidden_,
+                           ", it has ", context_);
+        saved s;
+        s.self_attention = encoder_hidden_states == nullptr;
+        auto [q, sq] = detail::with_lora_forward(ctx, p.to_q, p.to_q_lora, config_, hidden_states);
+        auto [k, sk] = detail::with_lora_forward(ctx, p.to_k, p.to_k_lora, config_, source);
+        auto [v, sv] = detail::with_lora_forward(ctx, p.to_v, p.to_v_lora, config_, source);
+        const index_t heads = config_.heads;
+        const double scale = 1.0 / std::sqrt(static_cast<double>(hidden_ / heads));
+        auto [o, sa] = ops::attention_forward(ctx, split_heads(ctx, q, heads), split_heads(ctx, k, heads), split_heads(ctx, v, heads), scale);
+        auto [y, so] = detail::with_lora_forward(ctx, p.to_out, p.to_out_lora, config_, modules::detail::merge_heads(ctx, o, heads));
+        s.q = std::move(sq);
+        s.k = std::move(sk);
+        s.v = std::move(sv);
+        s.attention = std::move(sa);
+        s.out = std::move(so);
+        return {y, std::move(s)};
+    }
+
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::merge_heads;
+        using modules::detail::split_heads;
+        const index_t heads = config_.heads;
+        grads g;
+        const auto d_o = detail::with_lora_backward(ctx, s.out, grad_output, g.to_out_lora);
+        const auto d = ops::attention_backward(ctx, s.attention, split_heads(ctx, d_o, heads));
+        g.hidden_states = detail::with_lora_backward(ctx, s.q, merge_heads(ctx, d.q, heads), g.to_q_lora);
+        auto dc = ops::add(ctx, detail::with_lora_backward(ctx, s.k, merge_heads(ctx, d.k, heads), g.to_k_lora),
+                           detail::with_lora_backward(ctx, s.v, merge_heads(ctx, d.v, heads), g.to_v_lora));
+        if (s.self_attention) g.hidden_states = ops::add(ctx, g.hidden_states, dc);
+        else g.encoder_hidden_states = std::move(dc);
+        return g;
     }
 
     const config& settings() const noexcept { return config_; }
@@ -526,6 +621,206 @@ public:
         if (gate.defined()) id_out = ops::mul(ctx, id_out, gate);
         const auto merged = ops::add_scaled(ctx, 1.0, text_out, c.id_scale, id_out);
         return detail::with_lora(ctx, a.to_out, a.to_out_lora, cfg, merged);
+    }
+
+    /// What backward needs; the gate's derivative is kept on the host.
+    struct saved {
+        detail::lora_saved<B, T> q, k, v, out;
+        ops::attention_saved<B, T> text_attention;
+        ops::linear_saved<B, T> k_ip, v_ip;
+        ops::matmul_saved<B, T> scores, id_values;
+        ops::softmax_saved<B, T> probabilities;
+        tensor_type mix_factors;                       ///< (1, 1, K) when mixing
+        ops::binary_saved<B, T> gating;                ///< id_out * gate, when gated
+        bool gated = false;
+        double id_scale = 1.0;
+        index_t batch = 0, queries = 0, text = 0, id_tokens = 0;
+        /// d w' / d w_norm per query: the boost slope where the threshold passed, else 0.
+        std::vector<double> gate_slope;
+        /// Min-max normalised sums (before the threshold), their range and arg-min / arg-max per batch element.
+        std::vector<double> normalised;
+        std::vector<double> range;
+        std::vector<index_t> arg_min, arg_max;
+    };
+    struct grads {
+        tensor_type hidden_states, encoder_hidden_states;  ///< the latter covers text and identity tokens
+        lora_layer<B, T> to_q_lora, to_k_lora, to_v_lora, to_out_lora;
+        tensor_type to_k_ip, to_v_ip;
+    };
+
+    /// forward() keeping what backward() needs (on_activation is called as in forward()).
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& hidden_states, const tensor_type& encoder_hidden_states,
+                                                const saa_controls& c = {}) const {
+        using modules::detail::merge_heads;
+        using modules::detail::split_heads;
+        detail::check_states(hidden_states, hidden_, &encoder_hidden_states, context_);
+        check<value_error>(c.id_num >= 1, "saa", "id_num must be at least 1, got ", c.id_num);
+        const index_t batch = hidden_states.dim(0), queries = hidden_states.dim(1), heads = config_.heads;
+        const index_t id_tokens = config_.tokens_per_id * c.id_num, total = encoder_hidden_states.dim(1);
+        const index_t text = total - id_tokens;
+        check<shape_error>(text >= 1, "saa", "encoder_hidden_states has ", total, " tokens: too few for ", c.id_num, " identities of ",
+                           config_.tokens_per_id, " tokens plus text");
+        check<shape_error>(!c.text_tokens || *c.text_tokens == text, "saa", "encoder_hidden_states has ", total, " tokens, expected ",
+                           c.text_tokens.value_or(0), " text + ", id_tokens, " identity tokens (id_num ", c.id_num, ")");
+        check<value_error>(std::isfinite(c.id_scale), "saa", "id_scale must be finite");
+        std::vector<box> boxes;
+        grid_shape grid;
+        double beta = 0.0;
+        bool mixing = false;
+        if (c.activate_query) {
+            check<value_error>(std::isfinite(c.infer_scale) && c.infer_scale >= 0.0, "saa", "infer_scale must be >= 0, got ",
+                               c.infer_scale);
+            check<value_error>(std::isfinite(c.threshold), "saa", "threshold must be finite");
+            boxes = resolve_boxes(c.boxes, c.id_num);
+            grid = query_grid(queries, c.root_width, c.root_height);
+            beta = c.step < c.infer_end ? c.infer_scale : 0.0;
+            mixing = boxes.size() == 1 && c.id_num > 1;
+            check<value_error>(!mixing || (c.mix_scale && std::isfinite(*c.mix_scale)), "saa", "one box with ", c.id_num,
+                               " identities mixes them: set mix_scale");
+        }
+
+        saved s;
+        s.batch = batch;
+        s.queries = queries;
+        s.text = text;
+        s.id_tokens = id_tokens;
+        s.id_scale = c.id_scale;
+        const auto& a = params_.attention;
+        const auto cfg = base_config();
+        const auto text_states = ops::slice(ctx, encoder_hidden_states, 1, 0, text);
+        const auto id_states = ops::slice(ctx, encoder_hidden_states, 1, text, id_tokens);
+        auto [q, sq] = detail::with_lora_forward(ctx, a.to_q, a.to_q_lora, cfg, hidden_states);
+        auto [k, sk] = detail::with_lora_forward(ctx, a.to_k, a.to_k_lora, cfg, text_states);
+        auto [v, sv] = detail::with_lora_forward(ctx, a.to_v, a.to_v_lora, cfg, text_states);
+        const double scale = 1.0 / std::sqrt(static_cast<double>(hidden_ / heads));
+        const auto q_heads = split_heads(ctx, q, heads);
+        auto [text_o, st] = ops::attention_forward(ctx, q_heads, split_heads(ctx, k, heads), split_heads(ctx, v, heads), scale);
+        const auto text_out = merge_heads(ctx, text_o, heads);
+        auto [k_ip, skip] = ops::linear_forward(ctx, id_states, params_.to_k_ip);
+        auto [v_ip, svip] = ops::linear_forward(ctx, id_states, params_.to_v_ip);
+        auto [scores, ss] = ops::matmul_forward(ctx, q_heads, split_heads(ctx, k_ip, heads), false, true, scale);
+        s.q = std::move(sq);
+        s.k = std::move(sk);
+        s.v = std::move(sv);
+        s.text_attention = std::move(st);
+        s.k_ip = std::move(skip);
+        s.v_ip = std::move(svip);
+        s.scores = std::move(ss);
+
+        tensor_type gate;
+        if (c.activate_query) {
+            s.gated = true;
+            const auto sums_t = ops::sum(ctx, scores.reshape({batch, heads, queries, id_tokens}), {1, 3}).to_host(ctx);
+            const std::vector<double> sums(sums_t.begin(), sums_t.end());
+            auto normalized = normalise_activation(sums, batch, c.threshold);
+            auto weights = normalized;
+            apply_layout_boost(weights, batch, grid, boxes, beta);
+            // The boost is affine per query; its slope is what apply_layout_boost does to (1 - 0).
+            std::vector<double> ones(weights.size(), 1.0), zeros(weights.size(), 0.0);
+            apply_layout_boost(ones, batch, grid, boxes, beta);
+            apply_layout_boost(zeros, batch, grid, boxes, beta);
+            const auto n = static_cast<std::size_t>(queries);
+            s.gate_slope.assign(weights.size(), 0.0);
+            s.normalised.assign(weights.size(), 0.0);
+            for (std::size_t b = 0; b < static_cast<std::size_t>(batch); ++b) {
+                const auto first = sums.begin() + static_cast<std::ptrdiff_t>(b * n);
+                const auto [lo, hi] = std::minmax_element(first, first + static_cast<std::ptrdiff_t>(n));
+                const double range = *hi - *lo;
+                s.range.push_back(range);
+                s.arg_min.push_back(static_cast<index_t>(lo - first));
+                s.arg_max.push_back(static_cast<index_t>(hi - first));
+                if (!(range > 0.0)) continue;
+                for (std::size_t i = 0; i < n; ++i) {
+                    const double w = (sums[b * n + i] - *lo) / range;
+                    s.normalised[b * n + i] = w;
+                    if (!(w < c.threshold)) s.gate_slope[b * n + i] = ones[b * n + i] - zeros[b * n + i];
+                }
+            }
+            if (c.on_activation) {
+                activation_record r{batch, grid, beta, std::vector<float>(normalized.begin(), normalized.end()),
+                                    std::vector<float>(weights.begin(), weights.end())};
+                c.on_activation(r);
+            }
+            const std::vector<T> gate_host(weights.begin(), weights.end());
+            gate = tensor_type::from_host(ctx, {batch, queries, 1}, gate_host);
+            if (mixing) {
+                std::vector<T> factors(static_cast<std::size_t>(id_tokens), static_cast<T>(1.0 - *c.mix_scale));
+                std::fill_n(factors.begin(), config_.tokens_per_id, static_cast<T>(*c.mix_scale));
+                s.mix_factors = tensor_type::from_host(ctx, {1, 1, id_tokens}, factors);
+                scores = ops::mul(ctx, scores, s.mix_factors);
+            } else if (boxes.size() > 1) {
+                scores = ops::add(ctx, scores, identity_mask(ctx, boxes, grid, id_tokens));
+            }
+        }
+        auto [probs, sp] = ops::softmax_forward(ctx, scores);
+        auto [id_heads, sv2] = ops::matmul_forward(ctx, probs, split_heads(ctx, v_ip, heads));
+        s.probabilities = std::move(sp);
+        s.id_values = std::move(sv2);
+        auto id_out = merge_heads(ctx, id_heads, heads);
+        if (gate.defined()) {
+            auto [gated, sg] = ops::binary_forward(ctx, binary_op::mul, id_out, gate);
+            id_out = gated;
+            s.gating = std::move(sg);
+        }
+        const auto merged = ops::add_scaled(ctx, 1.0, text_out, c.id_scale, id_out);
+        auto [y, so] = detail::with_lora_forward(ctx, a.to_out, a.to_out_lora, cfg, merged);
+        s.out = std::move(so);
+        return {y, std::move(s)};
+    }
+
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::merge_heads;
+        using modules::detail::split_heads;
+        const index_t heads = config_.heads;
+        check<shape_error>(grad_output.shape() == shape{s.batch, s.queries, hidden_}, "saa", "gradient ", grad_output.shape().str(),
+                           " is not (", s.batch, ", ", s.queries, ", ", hidden_, ")");
+        grads g;
+        const auto d_merged = detail::with_lora_backward(ctx, s.out, grad_output, g.to_out_lora);
+        auto d_id = ops::scale(ctx, d_merged, s.id_scale);
+        tensor_type d_scores_gate;
+        if (s.gated) {
+            auto [d_out, d_gate] = ops::binary_backward(ctx, s.gating, d_id);
+            d_id = d_out;
+            // d w' -> d (summed scores) through the boost slope, the threshold mask and the min-max normalisation.
+            const auto dg = d_gate.to_host(ctx);
+            const auto n = static_cast<std::size_t>(s.queries);
+            std::vector<T> d_sums(dg.size(), static_cast<T>(0));
+            for (std::size_t b = 0; b < static_cast<std::size_t>(s.batch); ++b) {
+                const double r = s.range[b];
+                if (!(r > 0.0)) continue;
+                std::vector<double> ds(n, 0.0);
+                double d_min = 0.0, d_max = 0.0;
+                for (std::size_t i = 0; i < n; ++i) {
+                    const double dw = static_cast<double>(dg[b * n + i]) * s.gate_slope[b * n + i];
+                    const double w = s.normalised[b * n + i];
+                    ds[i] += dw / r;
+                    d_min += dw * (w - 1.0) / r;
+                    d_max -= dw * w / r;
+                }
+                ds[static_cast<std::size_t>(s.arg_min[b])] += d_min;
+                ds[static_cast<std::size_t>(s.arg_max[b])] += d_max;
+                for (std::size_t i = 0; i < n; ++i) d_sums[b * n + i] = static_cast<T>(ds[i]);
+            }
+            d_scores_gate = tensor_type::from_host(ctx, {s.batch, 1, s.queries, 1}, d_sums);
+        }
+        auto [d_probs, d_v_heads] = ops::matmul_backward(ctx, s.id_values, split_heads(ctx, d_id, heads));
+        auto d_scores = ops::softmax_backward(ctx, s.probabilities, d_probs);
+        if (s.mix_factors.defined()) d_scores = ops::mul(ctx, d_scores, s.mix_factors);
+        if (d_scores_gate.defined())
+            d_scores = ops::add(ctx, d_scores.reshape({s.batch, heads, s.queries, s.id_tokens}), d_scores_gate)
+                           .reshape({s.batch * heads, s.queries, s.id_tokens});
+        auto [d_q_ip, d_k_ip_heads] = ops::matmul_backward(ctx, s.scores, d_scores);
+        const auto gk = ops::linear_backward(ctx, s.k_ip, merge_heads(ctx, d_k_ip_heads, heads));
+        const auto gv = ops::linear_backward(ctx, s.v_ip, merge_heads(ctx, d_v_heads, heads));
+        g.to_k_ip = gk.weight;
+        g.to_v_ip = gv.weight;
+
+        const auto d_text = ops::attention_backward(ctx, s.text_attention, split_heads(ctx, d_merged, heads));
+        g.hidden_states = detail::with_lora_backward(ctx, s.q, merge_heads(ctx, ops::add(ctx, d_text.q, d_q_ip), heads), g.to_q_lora);
+        const auto d_text_states = ops::add(ctx, detail::with_lora_backward(ctx, s.k, merge_heads(ctx, d_text.k, heads), g.to_k_lora),
+                                            detail::with_lora_backward(ctx, s.v, merge_heads(ctx, d_text.v, heads), g.to_v_lora));
+        g.encoder_hidden_states = ops::concat(ctx, std::vector<tensor_type>{d_text_states, ops::add(ctx, gk.input, gv.input)}, 1);
+        return g;
     }
 
     const config& settings() const noexcept { return config_; }

@@ -21,16 +21,27 @@
 //     dynamicid::modules::identity::proj_plus_config cfg;             // SD1.5 defaults
 //     auto model = dynamicid::modules::identity::proj_plus_model<dynamicid::cpu_backend>::load(ctx, file, cfg, "");
 //     auto tokens = model.forward(ctx, id_embeds, clip_embeds);       // (B, 4, 768)
+//
+// Training: forward_train keeps what backward needs; backward returns the
+// gradient of every weight (a `params` of gradients) and, when asked for with
+// ops::needs::input, of the two inputs (they come from frozen encoders, so
+// the default skips them). The module has no dropout or batch statistics, so
+// it has no train/eval switch.
+//
+//     auto [tokens, saved] = model.forward_train(ctx, id_embeds, clip_embeds);
+//     auto g = model.backward(ctx, saved, grad_tokens);    // g.weights.proj_0.weight, g.weights.layers[0].attention.to_q, ...
 #pragma once
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
 #include <dynamicid/io/safetensors.hpp>
+#include <dynamicid/modules/detail/backprop.hpp>
 #include <dynamicid/ops.hpp>
 
 #include <cmath>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -132,12 +143,8 @@ public:
     tensor_type forward(context_t<B>& ctx, const tensor_type& id_embeds, const tensor_type& clip_embeds, bool shortcut = false,
                         double scale = 1.0) const {
         const auto& c = config_;
-        check<shape_error>(id_embeds.rank() == 2 && id_embeds.dim(1) == c.id_embeddings_dim, "proj_plus", "id_embeds ",
-                           id_embeds.shape().str(), " is not (B, ", c.id_embeddings_dim, ")");
+        check_inputs(id_embeds, clip_embeds);
         const index_t batch = id_embeds.dim(0);
-        check<shape_error>(clip_embeds.rank() == 3 && clip_embeds.dim(0) == batch && clip_embeds.dim(2) == c.clip_embeddings_dim,
-                           "proj_plus", "clip_embeds ", clip_embeds.shape().str(), " is not (", batch, ", L, ",
-                           c.clip_embeddings_dim, ")");
 
         // proj: Linear -> GELU -> Linear, reshape into tokens, LayerNorm.
         auto h = ops::gelu(ctx, linear(ctx, id_embeds, params_.proj_0));
@@ -156,7 +163,128 @@ public:
         return out;
     }
 
+    /// One resampler layer's saved state.
+    struct layer_saved {
+        modules::detail::perceiver_saved<B, T> attention;
+        modules::detail::feed_forward_saved<B, T> feed_forward;
+    };
+    /// What backward needs from forward_train.
+    struct saved_state {
+        ops::linear_saved<B, T> proj_0, proj_2, proj_in, proj_out;
+        ops::unary_saved<B, T> act;
+        ops::norm_saved<B, T> norm, norm_out;
+        std::vector<layer_saved> layers;
+        shape clip_shape;
+        ops::needs need;
+        bool shortcut = false;
+        double scale = 1.0;
+    };
+    /// Gradients: `weights` mirrors params (undefined when params were not
+    /// asked for); the input gradients are defined when inputs were.
+    struct grads {
+        params weights;
+        tensor_type id_embeds, clip_embeds;
+    };
+
+    /// forward() keeping what backward needs. `need.input`: gradients for
+    /// id_embeds and clip_embeds; `need.params`: for the weights (false for a
+    /// frozen projection).
+    std::pair<tensor_type, saved_state> forward_train(context_t<B>& ctx, const tensor_type& id_embeds, const tensor_type& clip_embeds,
+                                                      ops::needs need = {.input = false, .params = true}, bool shortcut = false,
+                                                      double scale = 1.0) const {
+        using namespace modules::detail;
+        const auto& c = config_;
+        check_inputs(id_embeds, clip_embeds);
+        const index_t batch = id_embeds.dim(0);
+        const bool p = need.params;
+        const ops::needs first{.input = need.input, .params = p};
+        saved_state s;
+        s.need = need;
+        s.shortcut = shortcut;
+        s.scale = scale;
+        s.clip_shape = clip_embeds.shape();
+        const auto& w = params_;
+        tensor_type h, tokens, x, out;
+        std::tie(h, s.proj_0) = ops::linear_forward(ctx, id_embeds, w.proj_0.weight, ptr_if(w.proj_0.bias), first);
+        std::tie(h, s.act) = ops::unary_forward(ctx, unary_op::gelu_erf, h);
+        std::tie(h, s.proj_2) = ops::linear_forward(ctx, h, w.proj_2.weight, ptr_if(w.proj_2.bias), with_params(p));
+        std::tie(tokens, s.norm) = ops::layer_norm_forward(ctx, h.reshape({batch, c.num_tokens, c.cross_attention_dim}),
+                                                           ptr_if(w.norm.weight), ptr_if(w.norm.bias), c.layer_norm_eps);
+        std::tie(x, s.proj_in) = ops::linear_forward(ctx, clip_embeds, w.proj_in.weight, ptr_if(w.proj_in.bias), first);
+        auto latents = tokens;
+        for (const auto& layer : w.layers) {
+            const auto& a = layer.attention;
+            const auto& f = layer.feed_forward;
+            layer_saved ls;
+            tensor_type y;
+            std::tie(y, ls.attention) = perceiver_forward<B, T>(ctx, {a.norm1.weight, a.norm1.bias, c.layer_norm_eps},
+                                                                {a.norm2.weight, a.norm2.bias, c.layer_norm_eps}, a.to_q, a.to_kv,
+                                                                a.to_out, x, latents, c.heads, c.dim_head, p);
+            latents = ops::add(ctx, latents, y);
+            std::tie(y, ls.feed_forward) = feed_forward_forward(ctx, latents, f.norm.weight, f.norm.bias, c.layer_norm_eps, f.up, f.down, p);
+            latents = ops::add(ctx, latents, y);
+            s.layers.push_back(std::move(ls));
+        }
+        std::tie(out, s.proj_out) = ops::linear_forward(ctx, latents, w.proj_out.weight, ptr_if(w.proj_out.bias), with_params(p));
+        std::tie(out, s.norm_out) = ops::layer_norm_forward(ctx, out, ptr_if(w.norm_out.weight), ptr_if(w.norm_out.bias), c.layer_norm_eps);
+        if (shortcut) out = ops::add_scaled(ctx, scale, out, 1.0, tokens);
+        return {out, std::move(s)};
+    }
+
+    /// Gradients of sum(output * grad_output) for the state of one forward_train.
+    grads backward(context_t<B>& ctx, const saved_state& s, const tensor_type& grad_output) const {
+        using namespace modules::detail;
+        const auto& c = config_;
+        check<shape_error>(grad_output.rank() == 3 && grad_output.dim(1) == c.num_tokens && grad_output.dim(2) == c.cross_attention_dim &&
+                               s.layers.size() == params_.layers.size(),
+                           "proj_plus", "grad_output ", grad_output.shape().str(), " does not fit the saved forward");
+        const index_t batch = grad_output.dim(0);
+        const bool p = s.need.params;
+        grads g;
+        auto& gw = g.weights;
+        gw.layers.resize(s.layers.size());
+        const auto d_out = s.shortcut ? ops::scale(ctx, grad_output, s.scale) : grad_output;
+        auto n = ops::layer_norm_backward(ctx, s.norm_out, d_out, with_params(p));
+        gw.norm_out = {n.gamma, n.beta};
+        auto po = ops::linear_backward(ctx, s.proj_out, n.input);
+        gw.proj_out = {po.weight, po.bias};
+        tensor_type d_lat = po.input, d_x;
+        for (std::size_t i = s.layers.size(); i-- > 0;) {
+            auto f = feed_forward_backward(ctx, s.layers[i].feed_forward, d_lat, p);
+            d_lat = ops::add(ctx, d_lat, f.input);
+            auto a = perceiver_backward(ctx, s.layers[i].attention, d_lat, p);
+            d_lat = ops::add(ctx, d_lat, a.queries);
+            d_x = add_grad(ctx, d_x, a.context);
+            gw.layers[i].feed_forward = {{f.norm_weight, f.norm_bias}, f.up, f.down};
+            gw.layers[i].attention = {{a.norm1_weight, a.norm1_bias}, {a.norm2_weight, a.norm2_bias}, a.to_q, a.to_kv, a.to_out};
+        }
+        if (s.shortcut) d_lat = ops::add(ctx, d_lat, grad_output);
+        auto nt = ops::layer_norm_backward(ctx, s.norm, d_lat, with_params(p));
+        gw.norm = {nt.gamma, nt.beta};
+        auto p2 = ops::linear_backward(ctx, s.proj_2, nt.input.reshape({batch, c.num_tokens * c.cross_attention_dim}));
+        gw.proj_2 = {p2.weight, p2.bias};
+        auto p0 = ops::linear_backward(ctx, s.proj_0, ops::unary_backward(ctx, s.act, p2.input));
+        gw.proj_0 = {p0.weight, p0.bias};
+        g.id_embeds = p0.input;
+        // Without resampler layers the image features do not reach the output.
+        if (!d_x.defined()) d_x = tensor_type::zeros(ctx, {batch, s.clip_shape[1], c.cross_attention_dim});
+        auto pin = ops::linear_backward(ctx, s.proj_in, d_x);
+        gw.proj_in = {pin.weight, pin.bias};
+        g.clip_embeds = pin.input;
+        return g;
+    }
+
 private:
+    void check_inputs(const tensor_type& id_embeds, const tensor_type& clip_embeds) const {
+        const auto& c = config_;
+        check<shape_error>(id_embeds.rank() == 2 && id_embeds.dim(1) == c.id_embeddings_dim, "proj_plus", "id_embeds ",
+                           id_embeds.shape().str(), " is not (B, ", c.id_embeddings_dim, ")");
+        const index_t batch = id_embeds.dim(0);
+        check<shape_error>(clip_embeds.rank() == 3 && clip_embeds.dim(0) == batch && clip_embeds.dim(2) == c.clip_embeddings_dim,
+                           "proj_plus", "clip_embeds ", clip_embeds.shape().str(), " is not (", batch, ", L, ",
+                           c.clip_embeddings_dim, ")");
+    }
+
     tensor_type linear(context_t<B>& ctx, const tensor_type& x, const linear_params& l) const {
         return ops::linear(ctx, x, l.weight, l.bias.defined() ? &l.bias : nullptr);
     }

@@ -13,12 +13,14 @@
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
+#include <dynamicid/modules/detail/frozen.hpp>
 #include <dynamicid/modules/layers.hpp>
 #include <dynamicid/modules/weights.hpp>
 #include <dynamicid/ops.hpp>
 
 #include <cmath>
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace dynamicid::modules::unet {
@@ -76,6 +78,26 @@ public:
     /// features (N, in_channels) -> (N, time_embed_dim)
     tensor_type forward(context_t<B>& ctx, const tensor_type& features) const {
         return params_.linear_2(ctx, ops::silu(ctx, params_.linear_1(ctx, features)));
+    }
+
+    struct saved {
+        ops::linear_saved<B, T> linear_1, linear_2;
+        ops::unary_saved<B, T> act;
+    };
+
+    /// forward() keeping what backward() needs (frozen weights).
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& features) const {
+        using modules::detail::frozen_forward;
+        auto [h, s1] = frozen_forward(ctx, params_.linear_1, features);
+        auto [a, sa] = ops::unary_forward(ctx, unary_op::silu, h);
+        auto [y, s2] = frozen_forward(ctx, params_.linear_2, a);
+        return {y, saved{std::move(s1), std::move(s2), std::move(sa)}};
+    }
+
+    /// Gradient w.r.t. the features.
+    tensor_type backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::frozen_backward;
+        return frozen_backward(ctx, s.linear_1, ops::unary_backward(ctx, s.act, frozen_backward(ctx, s.linear_2, grad_output)));
     }
 
 private:

@@ -18,11 +18,18 @@
 //     auto t = dynamicid::modules::unet::transformer_2d<B>::bind(bind.scope("down_blocks.0.attentions.0"),
 //         {.num_attention_heads = 8, .attention_head_dim = 40, .in_channels = 320, .cross_attention_dim = 768});
 //     auto y = t.forward(ctx, x, text);      // x (B, 320, H, W), text (B, 77, 768)
+//
+// Training (frozen weights; trainable processors plug in through
+// hooks.training_processors):
+//
+//     auto [y, saved] = t.forward_train(ctx, x, text, &hooks);
+//     auto g = t.backward(ctx, saved, grad_y);   // g.input (B, 320, H, W), g.text (B, 77, 768)
 #pragma once
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
 #include <dynamicid/modules/blocks/attention.hpp>
+#include <dynamicid/modules/detail/frozen.hpp>
 #include <dynamicid/modules/layers.hpp>
 #include <dynamicid/modules/weights.hpp>
 #include <dynamicid/ops.hpp>
@@ -42,6 +49,11 @@ struct attention_hooks {
     std::vector<blocks::attention_processor<B, T>> processors;
     /// Passed unchanged to every processor (e.g. the sampler's step index).
     std::int64_t step = 0;
+    /// Used by forward_train instead of `processors`: training_processors[layer]
+    /// (when set) computes that layer and returns its backward. A layer with an
+    /// inference processor but no training one cannot be differentiated
+    /// (unsupported_error).
+    std::vector<blocks::training_attention_processor<B, T>> training_processors{};
 };
 
 /// diffusers FeedForward with GEGLU: net.0.proj (dim -> 2 * inner), GEGLU, net.2 (inner -> dim).
@@ -68,6 +80,25 @@ public:
     tensor_type forward(context_t<B>& ctx, const tensor_type& x) const {
         // diffusers' GEGLU chunks the projection into [hidden | gate], as ops::geglu expects.
         return params_.out(ctx, ops::geglu(ctx, params_.proj(ctx, x)));
+    }
+
+    struct saved {
+        ops::linear_saved<B, T> proj, out;
+        ops::geglu_saved<B, T> geglu;
+    };
+
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x) const {
+        using modules::detail::frozen_forward;
+        auto [p, sp] = frozen_forward(ctx, params_.proj, x);
+        auto [g, sg] = ops::geglu_forward(ctx, p);
+        auto [y, so] = frozen_forward(ctx, params_.out, g);
+        return {y, saved{std::move(sp), std::move(so), std::move(sg)}};
+    }
+
+    /// Gradient w.r.t. x.
+    tensor_type backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::frozen_backward;
+        return frozen_backward(ctx, s.proj, ops::geglu_backward(ctx, s.geglu, frozen_backward(ctx, s.out, grad_output)));
     }
 
 private:
@@ -141,6 +172,53 @@ public:
         return h;
     }
 
+    /// One attention layer's record: the default attention's saved state, or a processor's backward.
+    struct attention_saved {
+        typename attention_type::saved default_saved;
+        blocks::attention_record<B, T> processor;  ///< processor.backward set when a processor ran
+    };
+    struct saved {
+        modules::detail::layer_norm_saved<B, T> norm1, norm2, norm3;
+        attention_saved attn1, attn2;
+        typename feed_forward<B, T>::saved ff;
+    };
+    /// Gradients w.r.t. the tokens and the text (encoder hidden states).
+    struct grads {
+        tensor_type input, text;
+    };
+
+    /// forward() keeping what backward() needs; layers with a training processor in `hooks` run it.
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& tokens, const tensor_type& text, index_t height,
+                                                index_t width, const attention_hooks<B, T>* hooks = nullptr) const {
+        using modules::detail::frozen_forward;
+        saved s;
+        auto h = tokens;
+        auto [n1, sn1] = frozen_forward(ctx, params_.norm1, h);
+        h = ops::add(ctx, run_train(ctx, params_.attn1, ids_.attn1, ids_.attn1_name, n1, nullptr, height, width, hooks, s.attn1), h);
+        auto [n2, sn2] = frozen_forward(ctx, params_.norm2, h);
+        h = ops::add(ctx, run_train(ctx, params_.attn2, ids_.attn2, ids_.attn2_name, n2, &text, height, width, hooks, s.attn2), h);
+        auto [n3, sn3] = frozen_forward(ctx, params_.norm3, h);
+        auto [f, sf] = params_.ff.forward_train(ctx, n3);
+        h = ops::add(ctx, f, h);
+        s.norm1 = std::move(sn1);
+        s.norm2 = std::move(sn2);
+        s.norm3 = std::move(sn3);
+        s.ff = std::move(sf);
+        return {h, std::move(s)};
+    }
+
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::frozen_backward;
+        auto dh = ops::add(ctx, grad_output, frozen_backward(ctx, s.norm3, params_.ff.backward(ctx, s.ff, grad_output)));
+        grads out;
+        const auto d2 = attention_backward(ctx, params_.attn2, s.attn2, dh);
+        out.text = d2.context;
+        dh = ops::add(ctx, dh, frozen_backward(ctx, s.norm2, d2.hidden_states));
+        const auto d1 = attention_backward(ctx, params_.attn1, s.attn1, dh);
+        out.input = ops::add(ctx, dh, frozen_backward(ctx, s.norm1, modules::detail::add_grads(ctx, d1.hidden_states, d1.context)));
+        return out;
+    }
+
 private:
     static tensor_type run(context_t<B>& ctx, const attention_type& attn, index_t layer, const std::string& name, const tensor_type& x,
                            const tensor_type* text, index_t height, index_t width, const attention_hooks<B, T>* hooks) {
@@ -154,6 +232,35 @@ private:
             return out;
         }
         return attn.forward(ctx, x, text);
+    }
+
+    static tensor_type run_train(context_t<B>& ctx, const attention_type& attn, index_t layer, const std::string& name,
+                                 const tensor_type& x, const tensor_type* text, index_t height, index_t width,
+                                 const attention_hooks<B, T>* hooks, attention_saved& s) {
+        const auto idx = static_cast<std::size_t>(layer);
+        if (hooks && layer >= 0 && idx < hooks->training_processors.size() && hooks->training_processors[idx]) {
+            const blocks::attention_call<B, T> call{attn, x, text, height, width, layer, name, hooks->step};
+            s.processor = hooks->training_processors[idx](ctx, call);
+            const auto& out = s.processor.output;
+            check<shape_error>(out.defined() && out.shape() == x.shape() && s.processor.backward, "transformer_block",
+                               "training processor for layer ", layer, " (", name, ") returned ",
+                               out.defined() ? out.shape().str() : std::string("nothing"), s.processor.backward ? "" : " without a backward",
+                               ", expected ", x.shape().str());
+            return out;
+        }
+        check<unsupported_error>(!(hooks && layer >= 0 && idx < hooks->processors.size() && hooks->processors[idx]),
+                                 "transformer_block", "layer ", layer, " (", name,
+                                 ") has an inference processor but no training processor: it cannot be differentiated");
+        auto [y, saved] = attn.forward_train(ctx, x, text);
+        s.default_saved = std::move(saved);
+        return y;
+    }
+
+    static blocks::attention_input_grads<B, T> attention_backward(context_t<B>& ctx, const attention_type& attn, const attention_saved& s,
+                                                                  const tensor_type& g) {
+        if (s.processor.backward) return s.processor.backward(ctx, g);
+        auto d = attn.backward(ctx, s.default_saved, g);
+        return {d.input, d.context};
     }
 
     config config_{};
@@ -251,6 +358,83 @@ public:
             out = params_.proj_out_conv(ctx, to_image(ctx, tokens, batch, height, width));
         }
         return ops::add(ctx, out, x);
+    }
+
+    struct saved {
+        modules::detail::group_norm_saved<B, T> norm;
+        ops::linear_saved<B, T> proj_in_linear, proj_out_linear;
+        ops::conv2d_saved<B, T> proj_in_conv, proj_out_conv;
+        std::vector<typename block_type::saved> blocks;
+        index_t batch = 0, height = 0, width = 0;
+    };
+    /// Gradients w.r.t. the image and the text (encoder hidden states).
+    struct grads {
+        tensor_type input, text;
+    };
+
+    /// forward() keeping what backward() needs.
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x, const tensor_type& text,
+                                                const attention_hooks<B, T>* hooks = nullptr) const {
+        using modules::detail::frozen_forward;
+        const auto& c = config_;
+        check<shape_error>(x.rank() == 4 && x.dim(1) == c.in_channels, "transformer_2d", "input ", x.shape().str(), " is not (B, ",
+                           c.in_channels, ", H, W)");
+        check<shape_error>(text.rank() == 3 && text.dim(0) == x.dim(0) && text.dim(2) == c.cross_attention_dim, "transformer_2d",
+                           "encoder_hidden_states ", text.shape().str(), " is not (", x.dim(0), ", L, ", c.cross_attention_dim, ")");
+        saved s;
+        s.batch = x.dim(0);
+        s.height = x.dim(2);
+        s.width = x.dim(3);
+        auto [normed, sn] = frozen_forward(ctx, params_.norm, x);
+        s.norm = std::move(sn);
+        tensor_type tokens;
+        if (c.use_linear_projection) {
+            auto [t, sp] = frozen_forward(ctx, params_.proj_in_linear, to_tokens(ctx, normed));
+            tokens = t;
+            s.proj_in_linear = std::move(sp);
+        } else {
+            auto [t, sp] = frozen_forward(ctx, params_.proj_in_conv, normed);
+            tokens = to_tokens(ctx, t);
+            s.proj_in_conv = std::move(sp);
+        }
+        for (const auto& block : params_.transformer_blocks) {
+            auto [t, sb] = block.forward_train(ctx, tokens, text, s.height, s.width, hooks);
+            tokens = t;
+            s.blocks.push_back(std::move(sb));
+        }
+        tensor_type out;
+        if (c.use_linear_projection) {
+            auto [y, sp] = frozen_forward(ctx, params_.proj_out_linear, tokens);
+            out = to_image(ctx, y, s.batch, s.height, s.width);
+            s.proj_out_linear = std::move(sp);
+        } else {
+            auto [y, sp] = frozen_forward(ctx, params_.proj_out_conv, to_image(ctx, tokens, s.batch, s.height, s.width));
+            out = y;
+            s.proj_out_conv = std::move(sp);
+        }
+        return {ops::add(ctx, out, x), std::move(s)};
+    }
+
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::frozen_backward;
+        check<shape_error>(grad_output.shape() == shape{s.batch, config_.in_channels, s.height, s.width}, "transformer_2d", "gradient ",
+                           grad_output.shape().str(), " does not match the forward");
+        tensor_type d_tokens;
+        if (config_.use_linear_projection) d_tokens = frozen_backward(ctx, s.proj_out_linear, to_tokens(ctx, grad_output));
+        else d_tokens = to_tokens(ctx, frozen_backward(ctx, s.proj_out_conv, grad_output));
+        grads out;
+        for (std::size_t i = s.blocks.size(); i-- > 0;) {
+            auto d = params_.transformer_blocks[i].backward(ctx, s.blocks[i], d_tokens);
+            d_tokens = d.input;
+            out.text = modules::detail::add_grads(ctx, out.text, d.text);
+        }
+        tensor_type d_normed;
+        if (config_.use_linear_projection)
+            d_normed = to_image(ctx, frozen_backward(ctx, s.proj_in_linear, d_tokens), s.batch, s.height, s.width);
+        else
+            d_normed = frozen_backward(ctx, s.proj_in_conv, to_image(ctx, d_tokens, s.batch, s.height, s.width));
+        out.input = ops::add(ctx, frozen_backward(ctx, s.norm, d_normed), grad_output);
+        return out;
     }
 
 private:

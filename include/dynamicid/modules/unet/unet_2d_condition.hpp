@@ -29,6 +29,17 @@
 //     auto source = dynamicid::modules::weight_source::open({"unet/diffusion_pytorch_model.safetensors"});
 //     auto unet = dynamicid::modules::unet::unet_2d_condition<B>::load(ctx, source, cfg);
 //     auto eps = unet.forward(ctx, latents, std::vector<float>{981.f, 981.f}, text);   // (2, 4, 64, 64)
+//
+// Training (frozen UNet; gradients w.r.t. the latents and the encoder hidden
+// states, plus whatever trainable processors deliver): forward_train records
+// one tape entry per block (conv_in, each down block, the mid block, each up
+// block, the output head). With checkpoint_blocks, a down/mid/up block keeps
+// only its inputs and is recomputed during backward.
+//
+//     dynamicid::training::tape<B, float> tp(&board);
+//     auto x = tp.leaf(latents), c = tp.leaf(states);
+//     auto eps = unet.forward_train(ctx, tp, x, timesteps, c, &hooks, {.checkpoint_blocks = true});
+//     tp.backward(ctx, eps, grad_eps);   // tp.gradient(x), tp.gradient(c)
 #pragma once
 
 #include <dynamicid/modules/detail/config_reader.hpp>
@@ -40,6 +51,7 @@
 #include <dynamicid/modules/unet/unet_blocks.hpp>
 #include <dynamicid/modules/weights.hpp>
 #include <dynamicid/ops.hpp>
+#include <dynamicid/training/tape.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -158,6 +170,12 @@ inline void unet_config::validate() const {
     }
 }
 
+/// How unet_2d_condition::forward_train records.
+struct unet_training_options {
+    /// Keep only each down/mid/up block's inputs and recompute the block in backward.
+    bool checkpoint_blocks = false;
+};
+
 /// UNet2DConditionModel (SD1.x surface).
 template <class B, class T = float>
     requires computes_in<B, T>
@@ -235,15 +253,7 @@ public:
     tensor_type forward(context_t<B>& ctx, const tensor_type& sample, std::span<const float> timesteps, const tensor_type& text,
                         const hooks_type* hooks = nullptr) const {
         const auto& c = config_;
-        check<shape_error>(sample.rank() == 4 && sample.dim(1) == c.in_channels, "unet", "sample ", sample.shape().str(), " is not (B, ",
-                           c.in_channels, ", h, w)");
-        const index_t batch = sample.dim(0);
-        check<shape_error>(static_cast<index_t>(timesteps.size()) == batch, "unet", timesteps.size(), " timesteps for a batch of ", batch);
-        check<shape_error>(text.rank() == 3 && text.dim(0) == batch && text.dim(2) == c.cross_attention_dim, "unet",
-                           "encoder_hidden_states ", text.shape().str(), " is not (", batch, ", L, ", c.cross_attention_dim, ")");
-        const index_t factor = index_t{1} << (c.block_out_channels.size() - 1);
-        check<shape_error>(sample.dim(2) % factor == 0 && sample.dim(3) % factor == 0, "unet", "sample size ", sample.dim(2), "x",
-                           sample.dim(3), " is not a multiple of ", factor);
+        check_inputs(sample, timesteps, text);
 
         const auto features = timestep_features<B, T>(ctx, timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
         const auto temb = time_embedding_.forward(ctx, features);
@@ -267,7 +277,157 @@ public:
         return forward(ctx, sample, std::span<const float>(values), text, hooks);
     }
 
+    /// forward() recorded on `tp`; returns the output variable. The model and
+    /// `hooks` must outlive tp.backward(). Gradients reach `sample` and `text`
+    /// (read them with tp.gradient); timesteps are not differentiated.
+    training::variable<B, T> forward_train(context_t<B>& ctx, training::tape<B, T>& tp, const training::variable<B, T>& sample,
+                                           std::span<const float> timesteps, const training::variable<B, T>& text,
+                                           const hooks_type* hooks = nullptr, unet_training_options options = {}) const {
+        using modules::detail::frozen_backward;
+        using modules::detail::frozen_forward;
+        using variable = training::variable<B, T>;
+        using pause = typename training::parameter_gradients<B, T>::pause_guard;
+        const auto& c = config_;
+        check_inputs(sample.value, timesteps, text.value);
+        const auto features = timestep_features<B, T>(ctx, timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
+        const auto temb = time_embedding_.forward(ctx, features);  // depends on the timesteps only: a constant here
+        auto* board = tp.parameters();
+        const bool ckpt = options.checkpoint_blocks;
+
+        auto [h0, s_in] = frozen_forward(ctx, conv_in_, sample.value);
+        variable h = tp.output(h0);
+        tp.record("conv_in", [s_in, sample, h](context_t<B>& cx, training::tape<B, T>& t) {
+            t.add_gradient(cx, sample, frozen_backward(cx, s_in, t.take(h)));
+        });
+        std::vector<variable> skips{h};
+
+        for (std::size_t bi = 0; bi < down_blocks_.size(); ++bi) {
+            const auto& block = down_blocks_[bi];
+            const variable in = h;
+            std::vector<tensor_type> pushed;
+            typename down_block<B, T>::saved saved_state;
+            if (ckpt) {
+                block.forward_train(ctx, in.value, temb, text.value, pushed, hooks);
+            } else {
+                auto r = block.forward_train(ctx, in.value, temb, text.value, pushed, hooks);
+                saved_state = std::move(r.second);
+            }
+            std::vector<variable> outs;
+            for (auto& p : pushed) outs.push_back(tp.output(std::move(p)));
+            skips.insert(skips.end(), outs.begin(), outs.end());
+            h = outs.back();
+            tp.record("down_blocks." + std::to_string(bi),
+                      [&block, in, outs, text, temb, hooks, board, ckpt, s = std::move(saved_state)](context_t<B>& cx, training::tape<B, T>& t) {
+                          std::vector<tensor_type> g;
+                          for (const auto& o : outs) g.push_back(t.take(o));
+                          unet_block_grads<B, T> d;
+                          if (ckpt) {
+                              const pause guard(board);
+                              std::vector<tensor_type> scratch;
+                              auto r = block.forward_train(cx, in.value, temb, text.value, scratch, hooks);
+                              d = block.backward(cx, r.second, g);
+                          } else {
+                              d = block.backward(cx, s, g);
+                          }
+                          t.add_gradient(cx, in, d.input);
+                          t.add_gradient(cx, text, d.text);
+                      });
+        }
+
+        {
+            const variable in = h;
+            typename mid_block<B, T>::saved saved_state;
+            tensor_type y;
+            if (ckpt) {
+                y = mid_block_.forward_train(ctx, in.value, temb, text.value, hooks).first;
+            } else {
+                auto r = mid_block_.forward_train(ctx, in.value, temb, text.value, hooks);
+                y = r.first;
+                saved_state = std::move(r.second);
+            }
+            h = tp.output(y);
+            tp.record("mid_block", [this, in, out = h, text, temb, hooks, board, ckpt, s = std::move(saved_state)](context_t<B>& cx,
+                                                                                                                 training::tape<B, T>& t) {
+                const auto g = t.take(out);
+                unet_block_grads<B, T> d;
+                if (ckpt) {
+                    const pause guard(board);
+                    auto r = mid_block_.forward_train(cx, in.value, temb, text.value, hooks);
+                    d = mid_block_.backward(cx, r.second, g);
+                } else {
+                    d = mid_block_.backward(cx, s, g);
+                }
+                t.add_gradient(cx, in, d.input);
+                t.add_gradient(cx, text, d.text);
+            });
+        }
+
+        for (std::size_t bi = 0; bi < up_blocks_.size(); ++bi) {
+            const auto& block = up_blocks_[bi];
+            const variable in = h;
+            const auto n = static_cast<std::size_t>(block.settings().num_layers);
+            check<shape_error>(skips.size() >= n, "unet", "up block ran out of skip connections");
+            // The popped skips in pop order (the stack's end first).
+            std::vector<variable> popped(skips.rbegin(), skips.rbegin() + static_cast<std::ptrdiff_t>(n));
+            skips.resize(skips.size() - n);
+            const auto stack_of = [](const std::vector<variable>& vars) {
+                std::vector<tensor_type> st;
+                for (auto it = vars.rbegin(); it != vars.rend(); ++it) st.push_back(it->value);
+                return st;
+            };
+            auto stack = stack_of(popped);
+            typename up_block<B, T>::saved saved_state;
+            tensor_type y;
+            if (ckpt) {
+                y = block.forward_train(ctx, in.value, temb, text.value, stack, hooks).first;
+            } else {
+                auto r = block.forward_train(ctx, in.value, temb, text.value, stack, hooks);
+                y = r.first;
+                saved_state = std::move(r.second);
+            }
+            h = tp.output(y);
+            tp.record("up_blocks." + std::to_string(bi), [&block, in, out = h, popped, text, temb, hooks, board, ckpt, stack_of,
+                                                          s = std::move(saved_state)](context_t<B>& cx, training::tape<B, T>& t) {
+                const auto g = t.take(out);
+                unet_block_grads<B, T> d;
+                if (ckpt) {
+                    const pause guard(board);
+                    auto st = stack_of(popped);
+                    auto r = block.forward_train(cx, in.value, temb, text.value, st, hooks);
+                    d = block.backward(cx, r.second, g);
+                } else {
+                    d = block.backward(cx, s, g);
+                }
+                t.add_gradient(cx, in, d.input);
+                t.add_gradient(cx, text, d.text);
+                for (std::size_t k = 0; k < popped.size(); ++k) t.add_gradient(cx, popped[k], d.skips[k]);
+            });
+        }
+
+        auto [n_out, s_norm] = frozen_forward(ctx, conv_norm_out_, h.value);
+        auto [a_out, s_act] = ops::unary_forward(ctx, unary_op::silu, n_out);
+        auto [y, s_conv] = frozen_forward(ctx, conv_out_, a_out);
+        auto out = tp.output(y);
+        tp.record("conv_out", [in = h, out, s_norm, s_act, s_conv](context_t<B>& cx, training::tape<B, T>& t) {
+            t.add_gradient(cx, in, frozen_backward(cx, s_norm, ops::unary_backward(cx, s_act, frozen_backward(cx, s_conv, t.take(out)))));
+        });
+        return out;
+    }
+
 private:
+    void check_inputs(const tensor_type& sample, std::span<const float> timesteps, const tensor_type& text) const {
+        const auto& c = config_;
+        check<shape_error>(sample.rank() == 4 && sample.dim(1) == c.in_channels, "unet", "sample ", sample.shape().str(), " is not (B, ",
+                           c.in_channels, ", h, w)");
+        const index_t batch = sample.dim(0);
+        check<shape_error>(static_cast<index_t>(timesteps.size()) == batch, "unet", timesteps.size(), " timesteps for a batch of ", batch);
+        check<shape_error>(text.rank() == 3 && text.dim(0) == batch && text.dim(2) == c.cross_attention_dim, "unet",
+                           "encoder_hidden_states ", text.shape().str(), " is not (", batch, ", L, ", c.cross_attention_dim, ")");
+        const index_t factor = index_t{1} << (c.block_out_channels.size() - 1);
+        check<shape_error>(sample.dim(2) % factor == 0 && sample.dim(3) % factor == 0, "unet", "sample size ", sample.dim(2), "x",
+                           sample.dim(3), " is not a multiple of ", factor);
+    }
+
     void collect_names() {
         const auto add = [this](const transformer_2d<B, T>& t) {
             for (const auto& block : t.weights().transformer_blocks) {

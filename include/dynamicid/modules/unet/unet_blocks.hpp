@@ -17,17 +17,27 @@
 //     auto down = dynamicid::modules::unet::down_block<B>::bind(bind.scope("down_blocks", 0), {.in_channels = 320, ...});
 //     std::vector<tensor<B, float>> skips{h};
 //     h = down.forward(ctx, h, temb, text, skips);
+//
+// Training (frozen weights): forward_train returns the output with the typed
+// saved state; backward returns the input gradients. A down block's
+// backward takes one gradient per tensor it pushed onto the skip stack (the
+// last push is also its output); an up block's returns one per skip it popped.
+//
+//     auto [h2, saved] = down.forward_train(ctx, h, temb, text, skips);
+//     auto g = down.backward(ctx, saved, grads_of_pushed);   // g.input, g.temb, g.text
 #pragma once
 
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
 #include <dynamicid/modules/blocks/resnet_block.hpp>
+#include <dynamicid/modules/detail/frozen.hpp>
 #include <dynamicid/modules/layers.hpp>
 #include <dynamicid/modules/unet/transformer_2d.hpp>
 #include <dynamicid/modules/weights.hpp>
 #include <dynamicid/ops.hpp>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dynamicid::modules::unet {
@@ -71,6 +81,13 @@ transformer_2d<B, T> bind_transformer(weight_binder<B, T> b, const unet_block_co
 
 }  // namespace detail
 
+/// Input gradients of a UNet block: its hidden input, the time embedding and the text.
+template <class B, class T>
+struct unet_block_grads {
+    tensor<B, T> input, temb, text;
+    std::vector<tensor<B, T>> skips;  ///< up blocks: one per popped skip, in pop order
+};
+
 /// diffusers Downsample2D with use_conv (padding 1): a 3x3 stride-2 convolution.
 template <class B, class T = float>
     requires computes_in<B, T>
@@ -81,6 +98,14 @@ struct downsample_2d {
         return {conv2d_layer<B, T>::bind(b, "conv", channels, channels, 3, {.stride = 2, .padding = 1})};
     }
     tensor<B, T> forward(context_t<B>& ctx, const tensor<B, T>& x) const { return conv(ctx, x); }
+
+    using saved = ops::conv2d_saved<B, T>;
+    std::pair<tensor<B, T>, saved> forward_train(context_t<B>& ctx, const tensor<B, T>& x) const {
+        return modules::detail::frozen_forward(ctx, conv, x);
+    }
+    tensor<B, T> backward(context_t<B>& ctx, const saved& s, const tensor<B, T>& grad_output) const {
+        return modules::detail::frozen_backward(ctx, s, grad_output);
+    }
 };
 
 /// diffusers Upsample2D with use_conv: nearest-neighbour x2, then a 3x3 convolution.
@@ -93,6 +118,19 @@ struct upsample_2d {
         return {conv2d_layer<B, T>::bind(b, "conv", channels, channels, 3, {.padding = 1})};
     }
     tensor<B, T> forward(context_t<B>& ctx, const tensor<B, T>& x) const { return conv(ctx, ops::upsample_nearest(ctx, x, 2)); }
+
+    struct saved {
+        ops::upsample_saved<B, T> upsample;
+        ops::conv2d_saved<B, T> conv;
+    };
+    std::pair<tensor<B, T>, saved> forward_train(context_t<B>& ctx, const tensor<B, T>& x) const {
+        auto [u, su] = ops::upsample_nearest_forward(ctx, x, 2);
+        auto [y, sc] = modules::detail::frozen_forward(ctx, conv, u);
+        return {y, saved{su, std::move(sc)}};
+    }
+    tensor<B, T> backward(context_t<B>& ctx, const saved& s, const tensor<B, T>& grad_output) const {
+        return ops::upsample_nearest_backward(ctx, s.upsample, modules::detail::frozen_backward(ctx, s.conv, grad_output));
+    }
 };
 
 /// CrossAttnDownBlock2D (has_cross_attention) or DownBlock2D.
@@ -140,6 +178,68 @@ public:
         return h;
     }
 
+    struct saved {
+        std::vector<typename blocks::resnet_block<B, T>::saved> resnets;
+        std::vector<typename transformer_2d<B, T>::saved> attentions;
+        typename downsample_2d<B, T>::saved downsampler;
+        std::vector<shape> pushed;  ///< shapes of the pushed outputs
+    };
+
+    /// forward() keeping what backward() needs.
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text,
+                                                std::vector<tensor_type>& skips, const attention_hooks<B, T>* hooks = nullptr) const {
+        saved s;
+        for (std::size_t i = 0; i < resnets_.size(); ++i) {
+            auto [r, sr] = resnets_[i].forward_train(ctx, h, &temb);
+            h = r;
+            s.resnets.push_back(std::move(sr));
+            if (config_.has_cross_attention) {
+                auto [t, st] = attentions_[i].forward_train(ctx, h, text, hooks);
+                h = t;
+                s.attentions.push_back(std::move(st));
+            }
+            skips.push_back(h);
+            s.pushed.push_back(h.shape());
+        }
+        if (config_.add_downsample) {
+            auto [d, sd] = downsampler_.forward_train(ctx, h);
+            h = d;
+            s.downsampler = std::move(sd);
+            skips.push_back(h);
+            s.pushed.push_back(h.shape());
+        }
+        return {h, std::move(s)};
+    }
+
+    /// `grad_pushed[j]`: gradient of the j-th tensor this block pushed
+    /// (undefined: zero); the last one includes the output's gradient.
+    unet_block_grads<B, T> backward(context_t<B>& ctx, const saved& s, const std::vector<tensor_type>& grad_pushed) const {
+        using modules::detail::add_grads;
+        check<shape_error>(grad_pushed.size() == s.pushed.size(), "unet", "down block backward got ", grad_pushed.size(),
+                           " gradients for ", s.pushed.size(), " outputs");
+        std::size_t j = grad_pushed.size();
+        tensor_type d;
+        if (config_.add_downsample) {
+            --j;
+            d = downsampler_.backward(ctx, s.downsampler, modules::detail::grad_or_zeros(ctx, grad_pushed[j], s.pushed[j]));
+        }
+        unet_block_grads<B, T> out;
+        for (std::size_t i = resnets_.size(); i-- > 0;) {
+            --j;
+            d = modules::detail::grad_or_zeros(ctx, add_grads(ctx, d, grad_pushed[j]), s.pushed[j]);
+            if (config_.has_cross_attention) {
+                auto g = attentions_[i].backward(ctx, s.attentions[i], d);
+                d = g.input;
+                out.text = add_grads(ctx, out.text, g.text);
+            }
+            auto g = resnets_[i].backward(ctx, s.resnets[i], d);
+            d = g.input;
+            out.temb = add_grads(ctx, out.temb, g.temb);
+        }
+        out.input = d;
+        return out;
+    }
+
 private:
     config config_{};
     std::vector<blocks::resnet_block<B, T>> resnets_;
@@ -183,6 +283,44 @@ public:
             h = resnets_[i + 1].forward(ctx, h, &temb);
         }
         return h;
+    }
+
+    struct saved {
+        std::vector<typename blocks::resnet_block<B, T>::saved> resnets;
+        std::vector<typename transformer_2d<B, T>::saved> attentions;
+    };
+
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text,
+                                                const attention_hooks<B, T>* hooks = nullptr) const {
+        saved s;
+        auto [r0, s0] = resnets_[0].forward_train(ctx, h, &temb);
+        h = r0;
+        s.resnets.push_back(std::move(s0));
+        for (std::size_t i = 0; i < attentions_.size(); ++i) {
+            auto [t, st] = attentions_[i].forward_train(ctx, h, text, hooks);
+            s.attentions.push_back(std::move(st));
+            auto [r, sr] = resnets_[i + 1].forward_train(ctx, t, &temb);
+            h = r;
+            s.resnets.push_back(std::move(sr));
+        }
+        return {h, std::move(s)};
+    }
+
+    unet_block_grads<B, T> backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::add_grads;
+        unet_block_grads<B, T> out;
+        auto d = grad_output;
+        for (std::size_t i = attentions_.size(); i-- > 0;) {
+            auto gr = resnets_[i + 1].backward(ctx, s.resnets[i + 1], d);
+            out.temb = add_grads(ctx, out.temb, gr.temb);
+            auto gt = attentions_[i].backward(ctx, s.attentions[i], gr.input);
+            out.text = add_grads(ctx, out.text, gt.text);
+            d = gt.input;
+        }
+        auto g0 = resnets_[0].backward(ctx, s.resnets[0], d);
+        out.temb = add_grads(ctx, out.temb, g0.temb);
+        out.input = g0.input;
+        return out;
     }
 
 private:
@@ -239,6 +377,62 @@ public:
         }
         if (config_.add_upsample) h = upsampler_.forward(ctx, h);
         return h;
+    }
+
+    struct saved {
+        std::vector<typename blocks::resnet_block<B, T>::saved> resnets;
+        std::vector<typename transformer_2d<B, T>::saved> attentions;
+        typename upsample_2d<B, T>::saved upsampler;
+        std::vector<std::pair<index_t, index_t>> split;  ///< channels of (h, skip) in each concatenation
+    };
+
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text,
+                                                std::vector<tensor_type>& skips, const attention_hooks<B, T>* hooks = nullptr) const {
+        saved s;
+        for (std::size_t i = 0; i < resnets_.size(); ++i) {
+            check<shape_error>(!skips.empty(), "unet", "up block ran out of skip connections");
+            const auto skip = std::move(skips.back());
+            skips.pop_back();
+            check<shape_error>(skip.dim(2) == h.dim(2) && skip.dim(3) == h.dim(3), "unet", "skip connection ", skip.shape().str(),
+                               " does not match ", h.shape().str(), " (latent sizes must be multiples of 2^(levels - 1))");
+            s.split.emplace_back(h.dim(1), skip.dim(1));
+            auto [r, sr] = resnets_[i].forward_train(ctx, ops::concat(ctx, std::vector<tensor_type>{h, skip}, 1), &temb);
+            h = r;
+            s.resnets.push_back(std::move(sr));
+            if (config_.has_cross_attention) {
+                auto [t, st] = attentions_[i].forward_train(ctx, h, text, hooks);
+                h = t;
+                s.attentions.push_back(std::move(st));
+            }
+        }
+        if (config_.add_upsample) {
+            auto [u, su] = upsampler_.forward_train(ctx, h);
+            h = u;
+            s.upsampler = std::move(su);
+        }
+        return {h, std::move(s)};
+    }
+
+    /// Returns the gradients of the popped skips in `skips`, in pop order.
+    unet_block_grads<B, T> backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+        using modules::detail::add_grads;
+        unet_block_grads<B, T> out;
+        auto d = config_.add_upsample ? upsampler_.backward(ctx, s.upsampler, grad_output) : grad_output;
+        out.skips.resize(resnets_.size());
+        for (std::size_t i = resnets_.size(); i-- > 0;) {
+            if (config_.has_cross_attention) {
+                auto gt = attentions_[i].backward(ctx, s.attentions[i], d);
+                out.text = add_grads(ctx, out.text, gt.text);
+                d = gt.input;
+            }
+            auto gr = resnets_[i].backward(ctx, s.resnets[i], d);
+            out.temb = add_grads(ctx, out.temb, gr.temb);
+            const auto [ch_h, ch_skip] = s.split[i];
+            out.skips[i] = ops::slice(ctx, gr.input, 1, ch_h, ch_skip);
+            d = ops::slice(ctx, gr.input, 1, 0, ch_h);
+        }
+        out.input = d;
+        return out;
     }
 
 private:

@@ -1,0 +1,452 @@
+// dynamicid training: the reconfiguration stage (IMR + KeyPointEncoder).
+//
+// Per person and step: a source image and T targets of the same person.
+//   tok_i   = frozen projection(ArcFace_i, CLIP_i)            cached per image
+//   lmk     = KeyPointEncoder([raster(src) ; raster(tgt_1..T)])  BatchNorm in training mode
+//   txt     = pooled frozen text encoder of each face prompt    cached per image
+//   pred    = IMR(tok_src, lmk_src, lmk_tgt, txt_src, txt_tgt)   (T, n, d)
+//   x_t     = add_noise(VAE latents of the targets, eps, t)      one t per target
+//   eps_p   = UNet(x_t, t, [text ; pred])   eps_t = UNet(x_t, t, [text ; tok_tgt])
+//   loss    = MSE(pred, tok_tgt) + lambda * MSE(eps_p, eps_t)
+// with the fixed text "portrait, cinematic photo, film, professional, 4k,
+// highly detailed". The UNet and its SA/SAA processors are frozen; the LDC
+// gradient flows through them into `pred`, then the IMR, then the
+// KeyPointEncoder. eps_t gets no gradient (as in the released script).
+//
+// `batch` persons per step are run one at a time with accumulated gradients
+// (each scaled by 1 / batch); with N ranks each rank runs persons j = rank,
+// rank + N, ... Randomness: Philox streams keyed by (seed, step, purpose, j).
+//
+//     dynamicid::training::imr_trainer_config cfg = ...;   // saa_checkpoint, imr_init, keypoint_encoder_init, targets, ...
+//     dynamicid::training::imr_trainer<dynamicid::cpu_backend> trainer(ctx, cfg);
+//     trainer.run(ctx);   // out/checkpoint-<step>/{IMR,key_point_encoder}.safetensors load into the pipeline
+#pragma once
+
+#include <dynamicid/core/error.hpp>
+#include <dynamicid/io/checkpoint.hpp>
+#include <dynamicid/io/dynamicid_checkpoint.hpp>
+#include <dynamicid/io/safetensors.hpp>
+#include <dynamicid/io/torch_checkpoint.hpp>
+#include <dynamicid/modules/dynamicid/imr.hpp>
+#include <dynamicid/modules/dynamicid/keypoint_encoder.hpp>
+#include <dynamicid/modules/dynamicid/landmark_raster.hpp>
+#include <dynamicid/pipelines/detail/dynamicid_processors.hpp>
+#include <dynamicid/pipelines/text_to_image.hpp>
+#include <dynamicid/schedulers/ddpm.hpp>
+#include <dynamicid/training/communicator.hpp>
+#include <dynamicid/training/dataset.hpp>
+#include <dynamicid/training/detail/trainer_common.hpp>
+#include <dynamicid/training/losses.hpp>
+#include <dynamicid/training/optim.hpp>
+#include <dynamicid/training/saa_processors.hpp>
+#include <dynamicid/training/tape.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stop_token>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace dynamicid::training {
+
+/// The text of the consistency term, as released.
+inline constexpr const char* reconfiguration_text = "portrait, cinematic photo, film, professional, 4k, highly detailed";
+
+/// The reconfiguration stage's settings.
+///
+///     auto cfg = imr_trainer_config::from_json(nlohmann::json::parse(text));
+struct imr_trainer_config : trainer_common_config {
+    std::filesystem::path saa_checkpoint{};         ///< ["saa_checkpoint"] the anchoring stage's result (frozen)
+    std::filesystem::path imr_init{};               ///< ["imr_init"] IMR weights to start from (.safetensors or .bin)
+    std::filesystem::path keypoint_encoder_init{};  ///< ["keypoint_encoder_init"] KeyPointEncoder weights to start from
+    index_t targets = 32;                           ///< ["targets"] T target images per person
+    index_t resolution = 512;                       ///< ["resolution"]
+    double lambda = 1.0;                            ///< ["lambda"] weight of LDC
+    double landmark_frame = 512.0;                  ///< ["landmark_frame"] side of the frame the landmarks are given on
+    bool gate = true;                               ///< ["gate"] SAA gating in the UNet
+
+    static imr_trainer_config from_json(const nlohmann::json& j) {
+        imr_trainer_config c;
+        detail::read_common(j, c, {"saa_checkpoint", "imr_init", "keypoint_encoder_init", "targets", "resolution", "lambda", "landmark_frame",
+                                   "gate"});
+        try {
+            if (j.contains("saa_checkpoint")) c.saa_checkpoint = j.at("saa_checkpoint").get<std::string>();
+            if (j.contains("imr_init")) c.imr_init = j.at("imr_init").get<std::string>();
+            if (j.contains("keypoint_encoder_init")) c.keypoint_encoder_init = j.at("keypoint_encoder_init").get<std::string>();
+            if (j.contains("targets")) c.targets = j.at("targets").get<index_t>();
+            if (j.contains("resolution")) c.resolution = j.at("resolution").get<index_t>();
+            if (j.contains("lambda")) c.lambda = j.at("lambda").get<double>();
+            if (j.contains("landmark_frame")) c.landmark_frame = j.at("landmark_frame").get<double>();
+            if (j.contains("gate")) c.gate = j.at("gate").get<bool>();
+        } catch (const nlohmann::json::exception& e) {
+            throw value_error(detail::trainer_component, std::string("config: ") + e.what());
+        }
+        return c;
+    }
+    nlohmann::json to_json() const {
+        auto j = detail::common_to_json(*this);
+        j["stage"] = "imr";
+        j["saa_checkpoint"] = saa_checkpoint.string();
+        j["imr_init"] = imr_init.string();
+        j["keypoint_encoder_init"] = keypoint_encoder_init.string();
+        j["targets"] = targets;
+        j["resolution"] = resolution;
+        j["lambda"] = lambda;
+        j["landmark_frame"] = landmark_frame;
+        j["gate"] = gate;
+        return j;
+    }
+    void validate() const {
+        detail::validate_common(*this);
+        const auto need = [](bool ok, const char* what) { check<value_error>(ok, detail::trainer_component, what); };
+        need(!saa_checkpoint.empty(), "config: \"saa_checkpoint\" is required");
+        need(!imr_init.empty() && !keypoint_encoder_init.empty(), "config: \"imr_init\" and \"keypoint_encoder_init\" are required");
+        need(targets >= 1, "config: \"targets\" must be >= 1");
+        need(resolution >= 8 && resolution % 8 == 0, "config: \"resolution\" must be a positive multiple of 8");
+        need(std::isfinite(lambda) && lambda >= 0, "config: \"lambda\" must be finite and >= 0");
+        need(std::isfinite(landmark_frame) && landmark_frame > 0, "config: \"landmark_frame\" must be > 0");
+    }
+};
+
+/// The reconfiguration-stage trainer (see the file comment).
+template <class B, class T = float, communicator C = single_process_communicator>
+    requires computes_in<B, T>
+class imr_trainer {
+public:
+    using tensor_type = tensor<B, T>;
+    using imr_type = modules::imr::imr_model<B, T>;
+    using kpe_type = modules::imr::keypoint_encoder<B, T>;
+    static constexpr const char* stage = "imr";
+    static constexpr std::uint64_t purpose_pick = 11, purpose_timestep = 12, purpose_noise = 13, purpose_vae = 14;
+
+    imr_trainer(context_t<B>& ctx, imr_trainer_config cfg, C* comm = nullptr)
+        : cfg_(std::move(cfg)), comm_(detail::pick_communicator(comm, own_comm_)) {
+        board_ = std::make_unique<parameter_gradients<B, T>>();
+        cfg_.validate();
+        data_ = read_manifest(cfg_.manifest, {.arcface_width = 0});
+        for (auto& g : group_by_person(data_))
+            if (g.size() >= 2) persons_.push_back(std::move(g));
+        check<value_error>(!persons_.empty(), detail::trainer_component, "manifest '", cfg_.manifest.string(),
+                           "': no person has two images (a source and a target)");
+        for (const auto& g : persons_)
+            for (auto i : g)
+                check<value_error>(data_[i].landmarks.size() == 212, detail::trainer_component, "manifest sample ", i, " (",
+                                   data_[i].image.string(), ") has no 106 landmarks");
+        order_.emplace(persons_.size(), cfg_.seed);
+
+        const auto ckpt = io::sd_checkpoint::open(cfg_.sd_model);
+        sd_.emplace(pipelines::sd_components<B, T>::load(ctx, ckpt, modules::vae::vae_parts::both));
+        schedule_ = schedulers::ddpm_schedule::from_json(ckpt.scheduler_config);
+        clip_ = detail::clip_tower<B, T>::load(ctx, cfg_.image_encoder);
+        const auto& unet = sd_->unet;
+        const auto saa = io::identity_checkpoint::open(cfg_.saa_checkpoint);
+        projection_.emplace(saa.load_projection<B, T>(ctx, saa.projection_config()));
+        std::vector<saa_layer_weights<B, T>> layers;
+        for (auto& a : pipelines::detail::bind_adapters<B, T>(ctx, saa.processors, unet.settings(), unet.attention_layer_names(),
+                                                               saa.processor_indices))
+            layers.push_back({a.cross, a.to_q_lora, a.to_k_lora, a.to_v_lora, a.to_out_lora, a.to_k_ip, a.to_v_ip});
+        procs_ = std::make_unique<saa_processors<B, T>>(std::move(layers),
+                                                        saa_processors_config{.tokens_per_id = projection_->settings().num_tokens}, *board_);
+        modules::saa::saa_controls controls;
+        controls.id_num = 1;
+        controls.activate_query = cfg_.gate;
+        controls.infer_end = 0;
+        hooks_ = procs_->hooks(controls);
+
+        const auto resume_dir = detail::resolve_resume(cfg_);
+        const auto open = [](const std::filesystem::path& p) {
+            return p.extension() == ".safetensors" ? modules::weight_source::open({p}) : io::open_torch_weights(p);
+        };
+        const auto imr_src = open(resume_dir.empty() ? cfg_.imr_init : resume_dir / "IMR.safetensors");
+        const auto kpe_src = open(resume_dir.empty() ? cfg_.keypoint_encoder_init : resume_dir / "key_point_encoder.safetensors");
+        imr_.emplace(imr_type::load(ctx, imr_src, infer_imr_config(ctx, imr_src)));
+        kpe_.emplace(kpe_type::load(ctx, kpe_src, {}));
+        kpe_->train();
+        check<value_error>(kpe_->embedding_dim() == imr_->settings().embedding_dim, detail::trainer_component, "the KeyPointEncoder gives ",
+                           kpe_->embedding_dim(), " features, the IMR takes ", imr_->settings().embedding_dim);
+        check<value_error>(imr_->settings().embedding_dim == projection_->settings().cross_attention_dim, detail::trainer_component,
+                           "the IMR's token width ", imr_->settings().embedding_dim, " differs from the projection's ",
+                           projection_->settings().cross_attention_dim);
+        check<value_error>(imr_->settings().txt_dim == sd_->text_encoder.settings().hidden_size, detail::trainer_component,
+                           "the IMR's face-prompt width ", imr_->settings().txt_dim, " differs from the text encoder's ",
+                           sd_->text_encoder.settings().hidden_size);
+
+        std::vector<tensor_type> params;
+        detail::visit_imr(imr_->weights(), [&](const std::string&, const tensor_type& t) { params.push_back(t); });
+        imr_count_ = params.size();
+        detail::visit_keypoint_encoder(kpe_->weights(), [&](const std::string&, const tensor_type& t) { params.push_back(t); }, false);
+        for (const auto& p : params) broadcast(ctx, *comm_, p);
+        opt_.emplace(ctx, std::move(params), adamw_options{.lr = cfg_.lr, .weight_decay = cfg_.weight_decay});
+        text_states_ = encode(ctx, reconfiguration_text).last_hidden_state;
+        if (!resume_dir.empty()) {
+            const auto state = io::safetensors_file::open(resume_dir / "trainer_state.safetensors");
+            step_ = detail::check_resume_metadata(state, stage, cfg_);
+            detail::load_optimizer_state(ctx, state, *opt_);
+        }
+    }
+
+    const imr_trainer_config& config() const noexcept { return cfg_; }
+    std::int64_t step() const noexcept { return step_; }
+    /// Every trainable tensor: the IMR's, then the KeyPointEncoder's.
+    std::vector<tensor_type> parameters() const {
+        std::vector<tensor_type> out;
+        for (std::size_t i = 0; i < opt_->param_count(); ++i) out.push_back(opt_->param(i));
+        return out;
+    }
+    const imr_type& imr() const { return *imr_; }
+    const kpe_type& keypoint_encoder() const { return *kpe_; }
+
+    /// One optimizer step over `batch` persons.
+    train_progress train_step(context_t<B>& ctx) {
+        const detail::run_clock clock;
+        const double lr = detail::make_schedule(cfg_).lr(step_);
+        opt_->set_lr(lr);
+        std::vector<tensor_type> grads(opt_->param_count());
+        double loss = 0.0;
+        for (std::int64_t j = comm_->rank(); j < cfg_.batch; j += comm_->size())
+            loss += person_step(ctx, static_cast<std::uint64_t>(step_ * cfg_.batch + j), static_cast<std::uint64_t>(j), grads);
+        if (comm_->size() > 1) {
+            for (std::size_t i = 0; i < grads.size(); ++i) {
+                if (!grads[i].defined()) grads[i] = tensor_type::zeros(ctx, opt_->param(i).shape());
+                allreduce_sum(ctx, *comm_, grads[i]);
+            }
+            std::vector<double> l{loss};
+            comm_->allreduce_sum(std::span<double>(l));
+            loss = l[0];
+        }
+        const double norm = clip_grad_norm(ctx, grads, cfg_.clip > 0 ? cfg_.clip : 1e30);
+        check<value_error>(std::isfinite(norm), detail::trainer_component, "step ", step_, ": the gradient norm is ", norm);
+        opt_->step(ctx, grads);
+        ++step_;
+        train_progress p;
+        p.step = step_;
+        p.total = cfg_.steps;
+        p.loss = loss / static_cast<double>(cfg_.batch);
+        p.lr = lr;
+        p.grad_norm = norm;
+        p.seconds = clock.seconds();
+        p.samples_per_second = p.seconds > 0 ? static_cast<double>(cfg_.batch * (1 + cfg_.targets)) / p.seconds : 0.0;
+        return p;
+    }
+
+    /// As anchor_trainer::run.
+    std::int64_t run(context_t<B>& ctx, std::stop_token stop = {}, std::function<void(const train_progress&)> on_progress = {}) {
+        const detail::run_clock clock;
+        std::optional<detail::csv_log> log;
+        if (comm_->rank() == 0) log.emplace(cfg_.output_dir / "train_log.csv");
+        std::int64_t done = 0;
+        while (step_ < cfg_.steps && !stop.stop_requested()) {
+            auto p = train_step(ctx);
+            ++done;
+            p.seconds = clock.seconds();
+            if (log) log->write(p);
+            if (on_progress) on_progress(p);
+            if (cfg_.checkpoint_every > 0 && step_ % cfg_.checkpoint_every == 0 && step_ < cfg_.steps) save_checkpoint(ctx);
+        }
+        if (done > 0 || step_ == 0) save_checkpoint(ctx);
+        return done;
+    }
+
+    /// The IMR state dict (the released IMR keys).
+    io::safetensors_writer imr_file(context_t<B>& ctx) const {
+        io::safetensors_writer w;
+        detail::visit_imr(imr_->weights(), [&](const std::string& k, const tensor_type& t) { w.add(ctx, k, t); });
+        w.set_metadata("format", "pt");
+        return w;
+    }
+    /// The KeyPointEncoder state dict with its current running statistics.
+    io::safetensors_writer keypoint_encoder_file(context_t<B>& ctx) const {
+        io::safetensors_writer w;
+        detail::visit_keypoint_encoder(kpe_->weights(), [&](const std::string& k, const tensor_type& t) { w.add(ctx, k, t); }, true);
+        w.set_metadata("format", "pt");
+        return w;
+    }
+
+    /// Writes <output_dir>/checkpoint-<step>/{IMR,key_point_encoder,trainer_state}.safetensors (rank 0).
+    std::filesystem::path save_checkpoint(context_t<B>& ctx) const {
+        if (comm_->rank() != 0) return {};
+        const auto imr = imr_file(ctx);
+        const auto kpe = keypoint_encoder_file(ctx);
+        io::safetensors_writer state;
+        detail::add_optimizer_state(ctx, state, *opt_);
+        state.set_metadata("stage", stage);
+        state.set_metadata("step", std::to_string(step_));
+        state.set_metadata("seed", std::to_string(cfg_.seed));
+        state.set_metadata("batch", std::to_string(cfg_.batch));
+        state.set_metadata("data_position", std::to_string(step_ * cfg_.batch));
+        state.set_metadata("rng", "philox, streams keyed by (seed, step, purpose, person); nothing else to restore");
+        state.set_metadata("config", cfg_.to_json().dump());
+        return detail::write_checkpoint_folder(
+            cfg_.output_dir, step_,
+            {{"IMR.safetensors", &imr}, {"key_point_encoder.safetensors", &kpe}, {"trainer_state.safetensors", &state}});
+    }
+
+private:
+    // The IMR's sizes from its weights (as the pipeline reads them; head width 64,
+    // or the whole attention width when it is narrower).
+    static modules::imr::imr_config infer_imr_config(context_t<B>& ctx, const modules::weight_source& source) {
+        modules::weight_binder<B, T> b(ctx, source);
+        const auto dims = [&](const char* key) {
+            const auto s = b.shape_of(key);
+            check<io_error>(s.has_value() && s->rank() == 2, detail::trainer_component, "IMR weights: '", key, "' is missing or not a matrix");
+            return *s;
+        };
+        modules::imr::imr_config c;
+        const auto proj_in = dims("proj_in.weight"), fusion1 = dims("feature_fusion.1.weight"), fusion4 = dims("feature_fusion.4.weight"),
+                   q = dims("disentangleNet.0.0.to_q.weight"), ff = dims("disentangleNet.0.2.1.weight");
+        c.dim = proj_in[0];
+        c.embedding_dim = proj_in[1];
+        c.txt_dim = fusion1[1] - c.embedding_dim;
+        c.num_queries = fusion4[0] / c.dim;
+        c.ff_mult = ff[0] / c.dim;
+        c.dim_head = std::min<index_t>(64, q[0]);
+        c.heads = q[0] / c.dim_head;
+        return c;
+    }
+
+    typename modules::clip::text_model<B, T>::output encode(context_t<B>& ctx, const std::string& text) const {
+        const auto len = static_cast<std::size_t>(sd_->text_encoder.settings().max_position_embeddings);
+        const auto ids = sd_->tokenizer.encode_batch({text}, std::min<std::size_t>(len, text::clip_tokenizer::default_context_length));
+        return sd_->text_encoder.forward(ctx, ids, 1);
+    }
+
+    struct image_cache {
+        tensor_type tokens;       // (1, n, d) frozen projection output
+        tensor_type face_prompt;  // (1, txt) pooled
+        tensor_type mean, logvar; // VAE posterior of the image
+        tensor_type raster;       // (1, 1, 96, 96)
+    };
+    const image_cache& cached(context_t<B>& ctx, std::size_t i) {
+        auto it = cache_.find(i);
+        if (it != cache_.end()) return it->second;
+        const auto& s = data_[i];
+        image_cache c;
+        const auto& pc = projection_->settings();
+        check<shape_error>(static_cast<index_t>(s.arcface.size()) == pc.id_embeddings_dim, detail::trainer_component, "sample ", i,
+                           ": ArcFace has ", s.arcface.size(), " values, the projection takes ", pc.id_embeddings_dim);
+        std::vector<T> id(s.arcface.begin(), s.arcface.end());
+        c.tokens = projection_->forward(ctx, tensor_type::from_host(ctx, {1, pc.id_embeddings_dim}, id), clip_.features(ctx, s.reference));
+        c.face_prompt = encode(ctx, s.face_prompt).pooler_output;
+        const auto dist = sd_->vae.encode(ctx, detail::load_training_image<B, T>(ctx, s.image, cfg_.resolution));
+        c.mean = dist.mean;
+        c.logvar = dist.logvar;
+        std::vector<modules::imr::landmark_point> pts;
+        for (std::size_t k = 0; k < 106; ++k) pts.push_back({s.landmarks[2 * k], s.landmarks[2 * k + 1]});
+        modules::imr::landmark_raster_config rc;
+        rc.source_width = rc.source_height = cfg_.landmark_frame;
+        c.raster = modules::imr::landmark_raster<B, T>(ctx, {pts}, rc);
+        return cache_.emplace(i, std::move(c)).first->second;
+    }
+
+    // One person's forward and backward; gradients accumulate into `acc`. Returns its loss.
+    double person_step(context_t<B>& ctx, std::uint64_t position, std::uint64_t j, std::vector<tensor_type>& acc) {
+        const auto& group = persons_[order_->at(position)];
+        const auto stream = [&](std::uint64_t purpose) { return detail::stream_of(cfg_.seed, step_, purpose, j); };
+        const auto pick = stream(purpose_pick);
+        const auto n = static_cast<std::int64_t>(group.size());
+        const std::size_t src = group[static_cast<std::size_t>(detail::uniform_int(pick, 0, n))];
+        std::vector<std::size_t> others;
+        for (auto i : group)
+            if (i != src) others.push_back(i);
+        std::vector<std::size_t> tgt;
+        const auto tn = static_cast<std::size_t>(cfg_.targets);
+        if (others.size() >= tn) {  // without replacement (a partial shuffle)
+            for (std::size_t k = 0; k < tn; ++k) {
+                const auto r = static_cast<std::size_t>(detail::uniform_int(pick, 1 + k, static_cast<std::int64_t>(others.size() - k)));
+                std::swap(others[k], others[k + r]);
+                tgt.push_back(others[k]);
+            }
+        } else {
+            for (std::size_t k = 0; k < tn; ++k)
+                tgt.push_back(others[static_cast<std::size_t>(detail::uniform_int(pick, 1 + k, static_cast<std::int64_t>(others.size())))]);
+        }
+        const index_t targets = cfg_.targets;
+
+        std::vector<tensor_type> rasters{cached(ctx, src).raster}, prompts{cached(ctx, src).face_prompt}, target_tokens, x0;
+        std::vector<std::int64_t> ts;
+        std::vector<float> tf;
+        for (std::size_t k = 0; k < tn; ++k) {
+            const auto& c = cached(ctx, tgt[k]);
+            rasters.push_back(c.raster);
+            prompts.push_back(c.face_prompt);
+            target_tokens.push_back(c.tokens);
+            x0.push_back(ops::scale(ctx, sd_->vae.sample(ctx, c.mean, c.logvar, stream(purpose_vae), k * 0x100000000ull),
+                                    sd_->vae.settings().scaling_factor));
+            ts.push_back(detail::uniform_int(stream(purpose_timestep), k, schedule_.num_train_timesteps()));
+            tf.push_back(static_cast<float>(ts.back()));
+        }
+        const auto latents = ops::concat(ctx, x0, 0);
+        const auto noise = detail::normal_tensor<B, T>(ctx, latents.shape(), stream(purpose_noise));
+        const auto noisy = schedule_.add_noise(ctx, latents, noise, std::span<const std::int64_t>(ts));
+        const auto tokens_tgt = ops::concat(ctx, target_tokens, 0);
+        const auto text = ops::concat(ctx, std::vector<tensor_type>(tn, text_states_), 0);
+        const index_t text_len = text.dim(1);
+
+        // KeyPointEncoder (training-mode BatchNorm over source + targets), then the IMR.
+        auto [feat, kpe_saved] = kpe_->forward_train(ctx, ops::concat(ctx, rasters, 0));
+        const auto flat = feat.reshape({1 + targets, -1});
+        const auto txt = ops::concat(ctx, prompts, 0);
+        auto [pred, imr_saved] = imr_->forward_train(ctx, cached(ctx, src).tokens, ops::slice(ctx, flat, 0, 0, 1),
+                                                     ops::slice(ctx, flat, 0, 1, targets), ops::slice(ctx, txt, 0, 0, 1),
+                                                     ops::slice(ctx, txt, 0, 1, targets));
+
+        // LDC: the frozen UNet with the target tokens (no gradient) and with the predicted ones.
+        const auto eps_target =
+            sd_->unet.forward(ctx, noisy, std::span<const float>(tf), ops::concat(ctx, std::vector<tensor_type>{text, tokens_tgt}, 1), &hooks_);
+        tape<B, T> tp(board_.get());
+        const auto x = tp.leaf(noisy);
+        const auto c = tp.leaf(ops::concat(ctx, std::vector<tensor_type>{text, pred}, 1));
+        const auto eps = sd_->unet.forward_train(ctx, tp, x, std::span<const float>(tf), c, &hooks_,
+                                                 {.checkpoint_blocks = cfg_.activation_checkpointing});
+        auto [losses, loss_saved] = reconfiguration_loss_forward(ctx, pred, tokens_tgt, eps.value, eps_target, cfg_.lambda);
+        const double value = static_cast<double>(losses.total.to_host(ctx)[0]);
+        const double scale = 1.0 / static_cast<double>(cfg_.batch);
+        const auto g = reconfiguration_loss_backward(ctx, loss_saved, tensor_type::full(ctx, {1}, static_cast<T>(scale)));
+        tp.backward(ctx, eps, g.noise_prediction);
+        board_->zero();  // the processors are frozen: their weight gradients are dropped
+        auto d_pred = g.predicted_tokens;
+        if (const auto& d_states = tp.gradient(c); d_states.defined())
+            d_pred = ops::add(ctx, d_pred, ops::slice(ctx, d_states, 1, text_len, pred.dim(1)));
+
+        const auto gi = imr_->backward(ctx, imr_saved, d_pred);
+        const auto d_feat = ops::concat(ctx, std::vector<tensor_type>{gi.src_landmark, gi.tgt_landmark}, 0);
+        const auto gk = kpe_->backward(ctx, kpe_saved, d_feat.reshape(feat.shape().to_vector()));
+        std::vector<tensor_type> flat_grads;
+        detail::visit_imr(gi.weights, [&](const std::string&, const tensor_type& t) { flat_grads.push_back(t); });
+        check<value_error>(flat_grads.size() == imr_count_, detail::trainer_component, "the IMR's gradients do not mirror its weights");
+        detail::visit_keypoint_encoder(gk.weights, [&](const std::string&, const tensor_type& t) { flat_grads.push_back(t); }, false);
+        detail::accumulate_into(ctx, acc, flat_grads);
+        return value;
+    }
+
+    imr_trainer_config cfg_;
+    single_process_communicator own_comm_{};
+    C* comm_;
+    std::vector<manifest_sample> data_;
+    std::vector<std::vector<std::size_t>> persons_;
+    std::optional<sample_order> order_;
+    std::optional<pipelines::sd_components<B, T>> sd_;
+    schedulers::ddpm_schedule schedule_{};
+    detail::clip_tower<B, T> clip_{};
+    std::optional<modules::identity::proj_plus_model<B, T>> projection_;
+    std::unique_ptr<parameter_gradients<B, T>> board_;
+    std::unique_ptr<saa_processors<B, T>> procs_;
+    modules::unet::attention_hooks<B, T> hooks_{};
+    std::optional<imr_type> imr_;
+    std::optional<kpe_type> kpe_;
+    std::optional<adamw<B, T>> opt_;
+    std::size_t imr_count_ = 0;
+    tensor_type text_states_{};
+    std::map<std::size_t, image_cache> cache_;
+    std::int64_t step_ = 0;
+};
+
+}  // namespace dynamicid::training
