@@ -185,8 +185,7 @@ struct dynamicid_paths {
     std::filesystem::path image_encoder{};  ///< CLIP-ViT-H folder (config.json + model.safetensors); optional
     std::filesystem::path imr{};            ///< IMR weights (.bin or .safetensors); optional
     std::filesystem::path keypoint_encoder{};  ///< defaults to imr with "IMR" replaced by "key_point_encoder"
-    /// The IMR's sizes; none: read from the weights' shapes, with the released
-    /// head width of 64 (heads = attention width / 64).
+    /// The IMR's sizes; none: read from the weights (imr_config::from_weights).
     std::optional<modules::imr::imr_config> imr_config{};
 };
 
@@ -212,33 +211,6 @@ public:
         check<value_error>(models_.projection.settings().cross_attention_dim == sd_.models().unet.settings().cross_attention_dim,
                            "dynamicid", "the projection's width ", models_.projection.settings().cross_attention_dim,
                            " differs from the UNet's cross_attention_dim ", sd_.models().unet.settings().cross_attention_dim);
-    }
-
-    /// The IMR's sizes from its weights' shapes (proj_in, feature_fusion, the
-    /// first disentangleNet layer); the head width is the released 64.
-    static modules::imr::imr_config infer_imr_config(context_t<B>& ctx, const modules::weight_source& source) {
-        modules::weight_binder<B, T> b(ctx, source);
-        const auto dims = [&](const char* key, index_t rank) {
-            const auto s = b.shape_of(key);
-            check<io_error>(s.has_value() && s->rank() == rank, "dynamicid", "IMR weights: '", key, "' is missing or not rank ", rank);
-            return *s;
-        };
-        modules::imr::imr_config c;
-        const auto proj_in = dims("proj_in.weight", 2), fusion1 = dims("feature_fusion.1.weight", 2),
-                   fusion4 = dims("feature_fusion.4.weight", 2), q = dims("disentangleNet.0.0.to_q.weight", 2),
-                   ff = dims("disentangleNet.0.2.1.weight", 2);
-        c.dim = proj_in[0];
-        c.embedding_dim = proj_in[1];
-        c.txt_dim = fusion1[1] - c.embedding_dim;
-        c.num_queries = fusion4[0] / c.dim;
-        c.ff_mult = ff[0] / c.dim;
-        c.dim_head = 64;
-        c.heads = q[0] / c.dim_head;
-        check<io_error>(c.txt_dim > 0 && c.num_queries * c.dim == fusion4[0] && c.ff_mult * c.dim == ff[0] && c.heads * c.dim_head == q[0] &&
-                            c.heads > 0,
-                        "dynamicid", "IMR weights have inconsistent sizes (attention width ", q[0],
-                        " is not a multiple of 64?); give dynamicid_paths::imr_config");
-        return c;
     }
 
     /// Loads SD (DDIM from its scheduler config), the SAA checkpoint and the optional models.
@@ -270,7 +242,7 @@ public:
             };
             const auto imr_source = open(paths.imr);
             models.imr = modules::imr::imr_model<B, T>::load(ctx, imr_source,
-                                                             paths.imr_config ? *paths.imr_config : infer_imr_config(ctx, imr_source));
+                                                             paths.imr_config ? *paths.imr_config : modules::imr::imr_config::from_weights(imr_source));
             auto kpe = paths.keypoint_encoder;
             if (kpe.empty()) {
                 std::string name = paths.imr.filename().string();

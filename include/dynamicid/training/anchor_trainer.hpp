@@ -242,20 +242,7 @@ public:
     /// checkpoint_every steps and at the end (also when stopped). Appends to
     /// <output_dir>/train_log.csv. Returns the steps done by this call.
     std::int64_t run(context_t<B>& ctx, std::stop_token stop = {}, std::function<void(const train_progress&)> on_progress = {}) {
-        const detail::run_clock clock;
-        std::optional<detail::csv_log> log;
-        if (comm_->rank() == 0) log.emplace(cfg_.output_dir / "train_log.csv");
-        std::int64_t done = 0;
-        while (step_ < cfg_.steps && !stop.stop_requested()) {
-            auto p = train_step(ctx);
-            ++done;
-            p.seconds = clock.seconds();
-            if (log) log->write(p);
-            if (on_progress) on_progress(p);
-            if (cfg_.checkpoint_every > 0 && step_ % cfg_.checkpoint_every == 0 && step_ < cfg_.steps) save_checkpoint(ctx);
-        }
-        if (done > 0 || step_ == 0) save_checkpoint(ctx);
-        return done;
+        return detail::run_steps(ctx, *this, cfg_, comm_->rank() == 0, stop, on_progress);
     }
 
     /// The trainable weights in the released SAA.bin layout (proj_module.*, SAA_module.<i>.*).

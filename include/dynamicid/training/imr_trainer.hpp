@@ -167,7 +167,7 @@ public:
         };
         const auto imr_src = open(resume_dir.empty() ? cfg_.imr_init : resume_dir / "IMR.safetensors");
         const auto kpe_src = open(resume_dir.empty() ? cfg_.keypoint_encoder_init : resume_dir / "key_point_encoder.safetensors");
-        imr_.emplace(imr_type::load(ctx, imr_src, infer_imr_config(ctx, imr_src)));
+        imr_.emplace(imr_type::load(ctx, imr_src, modules::imr::imr_config::from_weights(imr_src)));
         kpe_.emplace(kpe_type::load(ctx, kpe_src, {}));
         kpe_->train();
         check<value_error>(kpe_->embedding_dim() == imr_->settings().embedding_dim, detail::trainer_component, "the KeyPointEncoder gives ",
@@ -239,20 +239,7 @@ public:
 
     /// As anchor_trainer::run.
     std::int64_t run(context_t<B>& ctx, std::stop_token stop = {}, std::function<void(const train_progress&)> on_progress = {}) {
-        const detail::run_clock clock;
-        std::optional<detail::csv_log> log;
-        if (comm_->rank() == 0) log.emplace(cfg_.output_dir / "train_log.csv");
-        std::int64_t done = 0;
-        while (step_ < cfg_.steps && !stop.stop_requested()) {
-            auto p = train_step(ctx);
-            ++done;
-            p.seconds = clock.seconds();
-            if (log) log->write(p);
-            if (on_progress) on_progress(p);
-            if (cfg_.checkpoint_every > 0 && step_ % cfg_.checkpoint_every == 0 && step_ < cfg_.steps) save_checkpoint(ctx);
-        }
-        if (done > 0 || step_ == 0) save_checkpoint(ctx);
-        return done;
+        return detail::run_steps(ctx, *this, cfg_, comm_->rank() == 0, stop, on_progress);
     }
 
     /// The IMR state dict (the released IMR keys).
@@ -290,28 +277,6 @@ public:
     }
 
 private:
-    // The IMR's sizes from its weights (as the pipeline reads them; head width 64,
-    // or the whole attention width when it is narrower).
-    static modules::imr::imr_config infer_imr_config(context_t<B>& ctx, const modules::weight_source& source) {
-        modules::weight_binder<B, T> b(ctx, source);
-        const auto dims = [&](const char* key) {
-            const auto s = b.shape_of(key);
-            check<io_error>(s.has_value() && s->rank() == 2, detail::trainer_component, "IMR weights: '", key, "' is missing or not a matrix");
-            return *s;
-        };
-        modules::imr::imr_config c;
-        const auto proj_in = dims("proj_in.weight"), fusion1 = dims("feature_fusion.1.weight"), fusion4 = dims("feature_fusion.4.weight"),
-                   q = dims("disentangleNet.0.0.to_q.weight"), ff = dims("disentangleNet.0.2.1.weight");
-        c.dim = proj_in[0];
-        c.embedding_dim = proj_in[1];
-        c.txt_dim = fusion1[1] - c.embedding_dim;
-        c.num_queries = fusion4[0] / c.dim;
-        c.ff_mult = ff[0] / c.dim;
-        c.dim_head = std::min<index_t>(64, q[0]);
-        c.heads = q[0] / c.dim_head;
-        return c;
-    }
-
     typename modules::clip::text_model<B, T>::output encode(context_t<B>& ctx, const std::string& text) const {
         const auto len = static_cast<std::size_t>(sd_->text_encoder.settings().max_position_embeddings);
         const auto ids = sd_->tokenizer.encode_batch({text}, std::min<std::size_t>(len, text::clip_tokenizer::default_context_length));

@@ -44,6 +44,7 @@
 #include <dynamicid/modules/weights.hpp>
 #include <dynamicid/ops.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -65,6 +66,35 @@ struct imr_config {
     index_t ff_mult = 4;
     std::optional<index_t> disentangle_depth{}, entangle_depth{};  ///< none: counted from the weights
     double layer_norm_eps = 1e-5;
+
+    /// The sizes of the IMR whose state dict `source` holds, read from the
+    /// shapes of proj_in, feature_fusion and the first disentangleNet layer.
+    /// The head width is the released 64 (the whole attention width when that
+    /// is narrower); give a config by hand for other head splits. io_error for
+    /// missing or inconsistent weights.
+    static imr_config from_weights(const weight_source& source) {
+        const auto dims = [&](const char* key) {
+            std::string stored;
+            const auto* f = source.find(key, &stored);
+            check<io_error>(f != nullptr && f->info(stored).dims.rank() == 2, "imr", "weights: '", key, "' is missing or not a matrix");
+            return f->info(stored).dims;
+        };
+        imr_config c;
+        const auto proj_in = dims("proj_in.weight"), fusion1 = dims("feature_fusion.1.weight"), fusion4 = dims("feature_fusion.4.weight"),
+                   q = dims("disentangleNet.0.0.to_q.weight"), ff = dims("disentangleNet.0.2.1.weight");
+        c.dim = proj_in[0];
+        c.embedding_dim = proj_in[1];
+        c.txt_dim = fusion1[1] - c.embedding_dim;
+        c.num_queries = fusion4[0] / c.dim;
+        c.ff_mult = ff[0] / c.dim;
+        c.dim_head = std::min<index_t>(64, q[0]);
+        c.heads = q[0] / c.dim_head;
+        check<io_error>(c.txt_dim > 0 && c.num_queries * c.dim == fusion4[0] && c.ff_mult * c.dim == ff[0] && c.heads * c.dim_head == q[0] &&
+                            c.heads > 0,
+                        "imr", "weights have inconsistent sizes (attention width ", q[0],
+                        " is not a multiple of 64?); give the config by hand");
+        return c;
+    }
 };
 
 template <class B, class T = float>

@@ -444,5 +444,29 @@ struct run_clock {
     double seconds() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
 };
 
+/// The loop both trainers' run() share: train_step() until cfg.steps or a stop
+/// request, a CSV row and a progress report per step (the row only where
+/// `writes_log`: rank 0), a checkpoint every checkpoint_every steps and at the
+/// end (also when stopped, or when nothing was left to do on a fresh run).
+/// Returns the steps done by this call.
+template <class Trainer, class Ctx>
+std::int64_t run_steps(Ctx& ctx, Trainer& trainer, const trainer_common_config& cfg, bool writes_log, std::stop_token stop,
+                       const std::function<void(const train_progress&)>& on_progress) {
+    const run_clock clock;
+    std::optional<csv_log> log;
+    if (writes_log) log.emplace(cfg.output_dir / "train_log.csv");
+    std::int64_t done = 0;
+    while (trainer.step() < cfg.steps && !stop.stop_requested()) {
+        auto p = trainer.train_step(ctx);
+        ++done;
+        p.seconds = clock.seconds();
+        if (log) log->write(p);
+        if (on_progress) on_progress(p);
+        if (cfg.checkpoint_every > 0 && trainer.step() % cfg.checkpoint_every == 0 && trainer.step() < cfg.steps) trainer.save_checkpoint(ctx);
+    }
+    if (done > 0 || trainer.step() == 0) trainer.save_checkpoint(ctx);
+    return done;
+}
+
 }  // namespace detail
 }  // namespace dynamicid::training
