@@ -7,6 +7,7 @@
 #include <dynamicid/training/imr_trainer.hpp>
 
 #include <catch2/catch.hpp>
+#include <support/trainer_fixture.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -19,121 +20,9 @@
 
 namespace {
 
-namespace fs = std::filesystem;
-namespace training = dynamicid::training;
+using namespace dynamicid_test::trainers;
 using dynamicid::cpu_backend;
 using tensor_f = dynamicid::tensor<cpu_backend, float>;
-
-const fs::path data = fs::path(DYNAMICID_TEST_DATA_DIR);
-const fs::path tiny_sd = data / "tiny_sd" / "diffusers";
-const fs::path tiny_id = data / "tiny_dynamicid";
-
-/// A fresh folder under the system temp dir, removed on destruction.
-struct temp_dir {
-    fs::path path;
-    explicit temp_dir(const std::string& name) {
-        path = fs::temp_directory_path() / ("dynamicid_trainers_" + name + "_" + std::to_string(::getpid()));
-        fs::remove_all(path);
-        fs::create_directories(path);
-    }
-    ~temp_dir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
-
-/// A 32 x 32 binary PPM: a disc of the person's colour on a gradient background, shifted by `variant`.
-void write_picture(const fs::path& file, int person, int variant) {
-    std::ofstream out(file, std::ios::binary);
-    out << "P6\n32 32\n255\n";
-    const int cx = 12 + 3 * variant, cy = 16 - 2 * variant;
-    for (int y = 0; y < 32; ++y)
-        for (int x = 0; x < 32; ++x) {
-            const bool disc = (x - cx) * (x - cx) + (y - cy) * (y - cy) < 64;
-            const unsigned char px[3] = {static_cast<unsigned char>(disc ? 60 + 150 * (person % 2) : 8 * x),
-                                         static_cast<unsigned char>(disc ? 200 - 70 * person : 8 * y),
-                                         static_cast<unsigned char>(disc ? 40 + 90 * variant : 128)};
-            out.write(reinterpret_cast<const char*>(px), 3);
-        }
-}
-
-std::string arcface_json(int person) {
-    std::ostringstream s;
-    s << "[";
-    double norm = 0;
-    std::vector<double> v(8);
-    for (int k = 0; k < 8; ++k) norm += (v[k] = std::sin(1.3 * k + 2.1 * person) + 0.1 * person);
-    (void)norm;
-    for (int k = 0; k < 8; ++k) s << (k ? ", " : "") << v[k];
-    s << "]";
-    return s.str();
-}
-
-std::vector<float> alice_landmarks() {
-    std::ifstream in(tiny_id / "alice_106.txt");
-    std::vector<float> v;
-    float x = 0;
-    while (in >> x) v.push_back(x);
-    return v;
-}
-
-/// Two persons x three pictures, with captions, landmarks (alice's, shifted) and face prompts.
-fs::path write_dataset(const fs::path& dir) {
-    const auto lmk = alice_landmarks();
-    REQUIRE(lmk.size() == 212u);
-    std::ofstream m(dir / "train.jsonl");
-    const char* prompts[] = {"the expression is happy, the face is front view", "the expression is neutral, the face is side view",
-                             "the expression is surprised, the face is front view"};
-    for (int p = 0; p < 2; ++p)
-        for (int v = 0; v < 3; ++v) {
-            const std::string name = "p" + std::to_string(p) + "_" + std::to_string(v);
-            write_picture(dir / (name + ".ppm"), p, v);
-            std::ostringstream l;
-            l << "[";
-            for (std::size_t k = 0; k < lmk.size(); ++k) l << (k ? "," : "") << lmk[k] + (k % 2 ? 9.0f * v : -7.0f * v + 5.0f * p);
-            l << "]";
-            m << R"({"person": "p)" << p << R"(", "image": ")" << name << R"(.ppm", "text": "a photo of person )" << p
-              << R"(", "arcface": )" << arcface_json(p) << R"(, "landmarks": )" << l.str() << R"(, "face_prompt": ")" << prompts[v]
-              << "\"}\n";
-        }
-    return dir / "train.jsonl";
-}
-
-training::anchor_trainer_config anchor_config(const fs::path& manifest, const fs::path& out, std::int64_t steps) {
-    training::anchor_trainer_config c;
-    c.sd_model = tiny_sd;
-    c.image_encoder = tiny_id / "image_encoder";
-    c.manifest = manifest;
-    c.output_dir = out;
-    c.steps = steps;
-    c.batch = 2;
-    c.lr = 3e-3;
-    c.lr_schedule = "linear";
-    c.warmup = 1;
-    c.seed = 1234;
-    c.resolution = 32;
-    c.lora_rank = 4;
-    c.projection_depth = 1;
-    c.id_drop = c.text_drop = c.both_drop = 0.1;  // a few drops in a short run
-    return c;
-}
-
-training::imr_trainer_config imr_config(const fs::path& manifest, const fs::path& out, std::int64_t steps) {
-    training::imr_trainer_config c;
-    c.sd_model = tiny_sd;
-    c.image_encoder = tiny_id / "image_encoder";
-    c.manifest = manifest;
-    c.output_dir = out;
-    c.steps = steps;
-    c.lr = 3e-3;
-    c.seed = 99;
-    c.resolution = 32;
-    c.targets = 2;
-    c.saa_checkpoint = tiny_id / "SAA.safetensors";
-    c.imr_init = tiny_id / "IMR.safetensors";
-    c.keypoint_encoder_init = tiny_id / "key_point_encoder.safetensors";
-    return c;
-}
 
 std::vector<std::vector<float>> host(cpu_backend::context& ctx, const std::vector<tensor_f>& ts) {
     std::vector<std::vector<float>> out;
@@ -344,4 +233,66 @@ TEST_CASE("trainers: bad manifests and configs are clear errors", "[training][tr
     r = imr_config(manifest, dir.path / "out", 2);
     r.targets = 0;
     CHECK_THROWS_AS(training::imr_trainer<cpu_backend>(ctx, r), dynamicid::value_error);
+}
+
+TEST_CASE("trainers: the reconfiguration stage starts from a random IMR and KeyPointEncoder", "[training][trainer]") {
+    cpu_backend::context ctx{.threads = 1};
+    temp_dir dir("imr_random");
+    const auto manifest = write_dataset(dir.path);
+    const std::int64_t steps = 12;
+    auto cfg = imr_config(manifest, dir.path / "a", steps);
+    cfg.imr_init = cfg.keypoint_encoder_init = "random";
+    cfg.imr = {.dim = 32, .dim_head = 16, .heads = 2, .num_queries = 2, .ff_mult = 2, .disentangle_depth = 2, .entangle_depth = 1};
+    cfg.keypoint_encoder_widths = {4, 4, 8, 8, 8, 8, 16};  // the tiny projection's token width is 16
+    training::imr_trainer<cpu_backend> a(ctx, cfg);
+    const auto& ic = a.imr().settings();
+    CHECK(ic.dim == 32);
+    CHECK(ic.heads == 2);
+    CHECK(a.imr().weights().disentangle.size() == 2u);
+    CHECK(a.imr().weights().entangle.size() == 1u);
+    CHECK(a.keypoint_encoder().embedding_dim() == 16);
+    // torch's defaults: Linear weights and biases in +-1/sqrt(fan_in), LayerNorm 1 and 0, BatchNorm 1, 0, 0, 1.
+    const auto w = a.imr().weights().proj_in.weight.to_host(ctx);
+    const double bound = 1.0 / std::sqrt(static_cast<double>(a.imr().weights().proj_in.weight.dim(1)));
+    double max_abs = 0, mean_abs = 0;
+    for (const float v : w) max_abs = std::max(max_abs, static_cast<double>(std::fabs(v))), mean_abs += std::fabs(v) / w.size();
+    CHECK(max_abs <= bound);
+    CHECK(mean_abs == Approx(bound / 2).epsilon(0.15));
+    for (const float v : a.imr().weights().norm_in.weight.to_host(ctx)) CHECK(v == 1.0f);
+    for (const float v : a.imr().weights().norm_in.bias.to_host(ctx)) CHECK(v == 0.0f);
+    for (const float v : a.keypoint_encoder().weights().blocks[0][0].running_var.to_host(ctx)) CHECK(v == 1.0f);
+
+    training::imr_trainer<cpu_backend> b(ctx, [&] {
+        auto c = cfg;
+        c.output_dir = dir.path / "b";
+        return c;
+    }());
+    const auto la = losses_of(ctx, a);
+    const auto lb = losses_of(ctx, b);
+    CHECK(la == lb);  // the initialisation depends only on the seed
+    const double first = mean(la, 0, 4), last = mean(la, steps - 4, steps);
+    INFO("random-init imr loss: first 4 steps " << first << ", last 4 " << last);
+    CHECK(last < 0.7 * first);
+
+    // The checkpoint holds the trained modules at the configured sizes and resumes.
+    auto again = cfg;
+    again.resume = "latest";
+    training::imr_trainer<cpu_backend> resumed(ctx, again);
+    CHECK(resumed.step() == steps);
+    CHECK(host(ctx, resumed.parameters()) == host(ctx, a.parameters()));
+
+    auto bad = cfg;
+    bad.keypoint_encoder_widths = {4, 4};
+    CHECK_THROWS_AS(training::imr_trainer<cpu_backend>(ctx, bad), dynamicid::value_error);
+    bad = cfg;
+    bad.imr.heads = 0;
+    CHECK_THROWS_AS(training::imr_trainer<cpu_backend>(ctx, bad), dynamicid::value_error);
+    CHECK_THROWS_AS(training::imr_trainer_config::from_json(nlohmann::json::parse(R"({"imr": {"dims": 4}})")), dynamicid::value_error);
+    CHECK_THROWS_AS(training::anchor_trainer_config::from_json(nlohmann::json::parse(R"({"bucket_mb": "big"})")), dynamicid::value_error);
+    const auto parsed = training::imr_trainer_config::from_json(
+        nlohmann::json::parse(R"({"imr": {"dim": 64, "depth": 3}, "keypoint_encoder_widths": [1, 2, 3, 4, 5, 6, 7], "bucket_mb": 0.5})"));
+    CHECK(parsed.imr.dim == 64);
+    CHECK(parsed.imr.entangle_depth == 3);
+    CHECK(parsed.keypoint_encoder_widths.back() == 7);
+    CHECK(parsed.bucket_mb == 0.5);
 }

@@ -178,6 +178,11 @@ public:
         for (index_t i = 0; i < board_->size(); ++i) params.push_back(board_->value(i));
         detail::visit_projection(projection_->weights(), [&](const std::string&, const tensor_type& t) { params.push_back(t); });
         for (const auto& p : params) broadcast(ctx, *comm_, p);
+        // The backward finishes the processors from the last UNet layer back, then the projection.
+        std::vector<std::size_t> arrival;
+        for (std::size_t i = static_cast<std::size_t>(board_->size()); i-- > 0;) arrival.push_back(i);
+        for (std::size_t i = params.size(); i-- > static_cast<std::size_t>(board_->size());) arrival.push_back(i);
+        reduction_.emplace(*comm_, params, arrival, detail::bucket_options_of(cfg_));
         opt_.emplace(ctx, std::move(params), adamw_options{.lr = cfg_.lr, .weight_decay = cfg_.weight_decay});
         text_states_empty_ = encode_text(ctx, "");
         if (!resume_dir.empty()) {
@@ -204,20 +209,34 @@ public:
         const double lr = detail::make_schedule(cfg_).lr(step_);
         opt_->set_lr(lr);
         board_->zero();
-        std::vector<tensor_type> proj_acc(opt_->param_count() - static_cast<std::size_t>(board_->size()));
+        const auto n_board = static_cast<std::size_t>(board_->size());
+        std::vector<tensor_type> proj_acc(opt_->param_count() - n_board);
         double loss = 0.0;
-        std::int64_t mine = 0;
-        for (std::int64_t j = comm_->rank(); j < cfg_.batch; j += comm_->size(), ++mine)
-            loss += sample_step(ctx, static_cast<std::uint64_t>(step_ * cfg_.batch + j), static_cast<std::uint64_t>(j), proj_acc);
-
+        // This rank's samples are j = rank, rank + size, ...; during the last one's
+        // backward every final gradient goes straight to the all-reduce.
+        std::int64_t last = -1;
+        for (std::int64_t j = comm_->rank(); j < cfg_.batch; j += comm_->size()) last = j;
         std::vector<tensor_type> grads;
-        for (index_t i = 0; i < board_->size(); ++i) grads.push_back(board_->gradient(i));
-        grads.insert(grads.end(), proj_acc.begin(), proj_acc.end());
-        if (comm_->size() > 1) {
-            for (std::size_t i = 0; i < grads.size(); ++i) {
-                if (!grads[i].defined()) grads[i] = tensor_type::zeros(ctx, opt_->param(i).shape());
-                allreduce_sum(ctx, *comm_, grads[i]);
+        try {
+            for (std::int64_t j = comm_->rank(); j < cfg_.batch; j += comm_->size()) {
+                const bool final = j == last;
+                if (final) board_->on_ready = [&](index_t id, const tensor_type& g) { reduction_->ready(ctx, static_cast<std::size_t>(id), g); };
+                loss += sample_step(ctx, static_cast<std::uint64_t>(step_ * cfg_.batch + j), static_cast<std::uint64_t>(j), proj_acc);
+                board_->on_ready = {};
+                if (final)
+                    for (std::size_t i = 0; i < proj_acc.size(); ++i)
+                        if (proj_acc[i].defined()) reduction_->ready(ctx, n_board + i, proj_acc[i]);
             }
+            std::vector<tensor_type> rest;
+            for (index_t i = 0; i < board_->size(); ++i) rest.push_back(board_->gradient(i));
+            rest.insert(rest.end(), proj_acc.begin(), proj_acc.end());
+            grads = reduction_->finish(ctx, rest);
+        } catch (...) {
+            board_->on_ready = {};
+            reduction_->abandon();
+            throw;
+        }
+        if (comm_->size() > 1) {
             std::vector<double> l{loss};
             comm_->allreduce_sum(std::span<double>(l));
             loss = l[0];
@@ -410,6 +429,7 @@ private:
     std::unique_ptr<saa_processors<B, T>> procs_;
     modules::unet::attention_hooks<B, T> hooks_{};
     std::optional<adamw<B, T>> opt_;
+    std::optional<detail::overlapped_reduction<B, T, C>> reduction_;
     tensor_type text_states_empty_{};
     std::int64_t step_ = 0;
 };

@@ -164,6 +164,9 @@ struct bucket_options {
     /// A bucket closes once it holds at least this many bytes (torch DDP's
     /// default is 25 MiB); a parameter larger than this gets a bucket of its own.
     std::size_t bucket_bytes = std::size_t{25} << 20;
+    /// finish() divides the sums by size() (false: gradients hold the sum over
+    /// ranks, for losses already scaled by the global batch).
+    bool average = true;
 };
 
 /// Averages gradients over ranks while the backward is still running.
@@ -342,9 +345,9 @@ private:
             comm_->wait(b.request);
             b.in_flight = false;
         }
-        const int size = comm_->size();
+        const int size = options_.average ? comm_->size() : 1;
         if constexpr (host_staging) {
-            detail::divide_host(std::span<T>(b.host), size);
+            if (size > 1) detail::divide_host(std::span<T>(b.host), size);
             for (const std::size_t k : b.params) {
                 const auto n = static_cast<std::size_t>(numels_[k]);
                 if (n) B::copy_from_host(ctx, b.host.data() + offset_of_[k], grads_[k].data(), n);

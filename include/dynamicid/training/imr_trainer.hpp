@@ -17,6 +17,11 @@
 // (each scaled by 1 / batch); with N ranks each rank runs persons j = rank,
 // rank + N, ... Randomness: Philox streams keyed by (seed, step, purpose, j).
 //
+// The IMR and the KeyPointEncoder start from weight files, or with "random"
+// from torch's default initialisation (modules::torch_default_init, seeded by
+// `seed`) at the sizes of "imr" and "keypoint_encoder_widths"; the IMR's token
+// and face-prompt widths follow the projection and the text encoder.
+//
 //     dynamicid::training::imr_trainer_config cfg = ...;   // saa_checkpoint, imr_init, keypoint_encoder_init, targets, ...
 //     dynamicid::training::imr_trainer<dynamicid::cpu_backend> trainer(ctx, cfg);
 //     trainer.run(ctx);   // out/checkpoint-<step>/{IMR,key_point_encoder}.safetensors load into the pipeline
@@ -67,6 +72,11 @@ struct imr_trainer_config : trainer_common_config {
     std::filesystem::path saa_checkpoint{};         ///< ["saa_checkpoint"] the anchoring stage's result (frozen)
     std::filesystem::path imr_init{};               ///< ["imr_init"] IMR weights to start from (.safetensors or .bin)
     std::filesystem::path keypoint_encoder_init{};  ///< ["keypoint_encoder_init"] KeyPointEncoder weights to start from
+    /// ["imr"] {"dim", "dim_head", "heads", "num_queries", "ff_mult", "depth"} of a "random" IMR (released sizes by default)
+    modules::imr::imr_config imr{.disentangle_depth = 1, .entangle_depth = 1};
+    /// ["keypoint_encoder_widths"] channels of each block of a "random" KeyPointEncoder (the released
+    /// layout; every unit of block i has width i, the last block goes from the previous width to the last)
+    std::vector<index_t> keypoint_encoder_widths{16, 32, 64, 128, 256, 512, 768};
     index_t targets = 32;                           ///< ["targets"] T target images per person
     index_t resolution = 512;                       ///< ["resolution"]
     double lambda = 1.0;                            ///< ["lambda"] weight of LDC
@@ -76,7 +86,7 @@ struct imr_trainer_config : trainer_common_config {
     static imr_trainer_config from_json(const nlohmann::json& j) {
         imr_trainer_config c;
         detail::read_common(j, c, {"saa_checkpoint", "imr_init", "keypoint_encoder_init", "targets", "resolution", "lambda", "landmark_frame",
-                                   "gate"});
+                                   "gate", "imr", "keypoint_encoder_widths"});
         try {
             if (j.contains("saa_checkpoint")) c.saa_checkpoint = j.at("saa_checkpoint").get<std::string>();
             if (j.contains("imr_init")) c.imr_init = j.at("imr_init").get<std::string>();
@@ -86,6 +96,20 @@ struct imr_trainer_config : trainer_common_config {
             if (j.contains("lambda")) c.lambda = j.at("lambda").get<double>();
             if (j.contains("landmark_frame")) c.landmark_frame = j.at("landmark_frame").get<double>();
             if (j.contains("gate")) c.gate = j.at("gate").get<bool>();
+            if (j.contains("imr")) {
+                const auto& m = j.at("imr");
+                check<value_error>(m.is_object(), detail::trainer_component, "config: \"imr\" must be an object");
+                for (const auto& [k, v] : m.items())
+                    check<value_error>(k == "dim" || k == "dim_head" || k == "heads" || k == "num_queries" || k == "ff_mult" || k == "depth",
+                                       detail::trainer_component, "config: unknown key \"imr.", k, "\"");
+                if (m.contains("dim")) c.imr.dim = m.at("dim").get<index_t>();
+                if (m.contains("dim_head")) c.imr.dim_head = m.at("dim_head").get<index_t>();
+                if (m.contains("heads")) c.imr.heads = m.at("heads").get<index_t>();
+                if (m.contains("num_queries")) c.imr.num_queries = m.at("num_queries").get<index_t>();
+                if (m.contains("ff_mult")) c.imr.ff_mult = m.at("ff_mult").get<index_t>();
+                if (m.contains("depth")) c.imr.disentangle_depth = c.imr.entangle_depth = m.at("depth").get<index_t>();
+            }
+            if (j.contains("keypoint_encoder_widths")) c.keypoint_encoder_widths = j.at("keypoint_encoder_widths").get<std::vector<index_t>>();
         } catch (const nlohmann::json::exception& e) {
             throw value_error(detail::trainer_component, std::string("config: ") + e.what());
         }
@@ -102,13 +126,26 @@ struct imr_trainer_config : trainer_common_config {
         j["lambda"] = lambda;
         j["landmark_frame"] = landmark_frame;
         j["gate"] = gate;
+        j["imr"] = {{"dim", imr.dim}, {"dim_head", imr.dim_head}, {"heads", imr.heads}, {"num_queries", imr.num_queries},
+                    {"ff_mult", imr.ff_mult}, {"depth", imr.disentangle_depth.value_or(1)}};
+        j["keypoint_encoder_widths"] = keypoint_encoder_widths;
         return j;
     }
     void validate() const {
         detail::validate_common(*this);
         const auto need = [](bool ok, const char* what) { check<value_error>(ok, detail::trainer_component, what); };
         need(!saa_checkpoint.empty(), "config: \"saa_checkpoint\" is required");
-        need(!imr_init.empty() && !keypoint_encoder_init.empty(), "config: \"imr_init\" and \"keypoint_encoder_init\" are required");
+        need(!imr_init.empty() && !keypoint_encoder_init.empty(),
+             "config: \"imr_init\" and \"keypoint_encoder_init\" are required (weight files, or \"random\")");
+        if (imr_init == "random")
+            need(imr.dim > 0 && imr.dim_head > 0 && imr.heads > 0 && imr.num_queries > 0 && imr.ff_mult > 0 && imr.disentangle_depth.value_or(0) >= 1 &&
+                     imr.entangle_depth.value_or(0) >= 1,
+                 "config: every size of \"imr\" must be >= 1");
+        if (keypoint_encoder_init == "random") {
+            need(keypoint_encoder_widths.size() == modules::imr::released_keypoint_layout().size(),
+                 "config: \"keypoint_encoder_widths\" needs one width per block of the released layout (7)");
+            for (const auto w : keypoint_encoder_widths) need(w >= 1, "config: every keypoint encoder width must be >= 1");
+        }
         need(targets >= 1, "config: \"targets\" must be >= 1");
         need(resolution >= 8 && resolution % 8 == 0, "config: \"resolution\" must be a positive multiple of 8");
         need(std::isfinite(lambda) && lambda >= 0, "config: \"lambda\" must be finite and >= 0");
@@ -165,10 +202,23 @@ public:
         const auto open = [](const std::filesystem::path& p) {
             return p.extension() == ".safetensors" ? modules::weight_source::open({p}) : io::open_torch_weights(p);
         };
-        const auto imr_src = open(resume_dir.empty() ? cfg_.imr_init : resume_dir / "IMR.safetensors");
-        const auto kpe_src = open(resume_dir.empty() ? cfg_.keypoint_encoder_init : resume_dir / "key_point_encoder.safetensors");
-        imr_.emplace(imr_type::load(ctx, imr_src, modules::imr::imr_config::from_weights(imr_src)));
-        kpe_.emplace(kpe_type::load(ctx, kpe_src, {}));
+        if (resume_dir.empty() && cfg_.imr_init == "random") {
+            auto ic = cfg_.imr;
+            ic.embedding_dim = projection_->settings().cross_attention_dim;
+            ic.txt_dim = sd_->text_encoder.settings().hidden_size;
+            modules::weight_binder<B, T> fresh(ctx, {}, "", modules::torch_default_init(detail::splitmix(cfg_.seed ^ 0x1a2bull)));
+            auto p = imr_type::bind(fresh, ic);
+            fresh.finish();
+            imr_.emplace(ic, std::move(p));
+        } else {
+            const auto imr_src = open(resume_dir.empty() ? cfg_.imr_init : resume_dir / "IMR.safetensors");
+            imr_.emplace(imr_type::load(ctx, imr_src, modules::imr::imr_config::from_weights(imr_src)));
+        }
+        if (resume_dir.empty() && cfg_.keypoint_encoder_init == "random") {
+            kpe_.emplace(kpe_type::load(ctx, random_keypoint_encoder(cfg_.keypoint_encoder_widths, detail::splitmix(cfg_.seed ^ 0x3c4dull)), {}));
+        } else {
+            kpe_.emplace(kpe_type::load(ctx, open(resume_dir.empty() ? cfg_.keypoint_encoder_init : resume_dir / "key_point_encoder.safetensors"), {}));
+        }
         kpe_->train();
         check<value_error>(kpe_->embedding_dim() == imr_->settings().embedding_dim, detail::trainer_component, "the KeyPointEncoder gives ",
                            kpe_->embedding_dim(), " features, the IMR takes ", imr_->settings().embedding_dim);
@@ -184,6 +234,9 @@ public:
         imr_count_ = params.size();
         detail::visit_keypoint_encoder(kpe_->weights(), [&](const std::string&, const tensor_type& t) { params.push_back(t); }, false);
         for (const auto& p : params) broadcast(ctx, *comm_, p);
+        std::vector<std::size_t> arrival(params.size());
+        for (std::size_t i = 0; i < arrival.size(); ++i) arrival[i] = i;  // the IMR's, then the KeyPointEncoder's
+        reduction_.emplace(*comm_, params, arrival, detail::bucket_options_of(cfg_));
         opt_.emplace(ctx, std::move(params), adamw_options{.lr = cfg_.lr, .weight_decay = cfg_.weight_decay});
         text_states_ = encode(ctx, reconfiguration_text).last_hidden_state;
         if (!resume_dir.empty()) {
@@ -211,13 +264,17 @@ public:
         opt_->set_lr(lr);
         std::vector<tensor_type> grads(opt_->param_count());
         double loss = 0.0;
-        for (std::int64_t j = comm_->rank(); j < cfg_.batch; j += comm_->size())
-            loss += person_step(ctx, static_cast<std::uint64_t>(step_ * cfg_.batch + j), static_cast<std::uint64_t>(j), grads);
+        std::int64_t last = -1;
+        for (std::int64_t j = comm_->rank(); j < cfg_.batch; j += comm_->size()) last = j;
+        try {
+            for (std::int64_t j = comm_->rank(); j < cfg_.batch; j += comm_->size())
+                loss += person_step(ctx, static_cast<std::uint64_t>(step_ * cfg_.batch + j), static_cast<std::uint64_t>(j), grads, j == last);
+            grads = reduction_->finish(ctx, grads);
+        } catch (...) {
+            reduction_->abandon();
+            throw;
+        }
         if (comm_->size() > 1) {
-            for (std::size_t i = 0; i < grads.size(); ++i) {
-                if (!grads[i].defined()) grads[i] = tensor_type::zeros(ctx, opt_->param(i).shape());
-                allreduce_sum(ctx, *comm_, grads[i]);
-            }
             std::vector<double> l{loss};
             comm_->allreduce_sum(std::span<double>(l));
             loss = l[0];
@@ -277,6 +334,31 @@ public:
     }
 
 private:
+    // A KeyPointEncoder state dict of the released layout at `widths`, torch's default initialisation.
+    static modules::weight_source random_keypoint_encoder(const std::vector<index_t>& widths, std::uint64_t seed) {
+        const auto layout = modules::imr::released_keypoint_layout();
+        const auto init = modules::torch_default_init(seed);
+        io::safetensors_writer w;
+        index_t in = 1;
+        for (std::size_t i = 0; i < layout.size(); ++i)
+            for (std::size_t j = 0; j < layout[i].size(); ++j) {
+                const bool last = i + 1 == layout.size();
+                const index_t out = !last ? widths[i] : (j + 1 == layout[i].size() ? widths[i] : widths[i - 1]);
+                const std::string k = "blocks." + std::to_string(i) + "." + std::to_string(j) + ".conv_block.";
+                const index_t kernel = layout[i][j].kernel;
+                const auto add = [&](const std::string& key, const shape& dims) { w.add(key, dims, init(key, dims)); };
+                add(k + "0.weight", shape{out, in, kernel, kernel});
+                add(k + "0.bias", shape{out});
+                add(k + "1.weight", shape{out});
+                add(k + "1.bias", shape{out});
+                add(k + "1.running_mean", shape{out});
+                add(k + "1.running_var", shape{out});
+                in = out;
+            }
+        const auto bytes = w.to_bytes();
+        return modules::weight_source({std::make_shared<const io::safetensors_file>(io::safetensors_file::from_memory(bytes))});
+    }
+
     typename modules::clip::text_model<B, T>::output encode(context_t<B>& ctx, const std::string& text) const {
         const auto len = static_cast<std::size_t>(sd_->text_encoder.settings().max_position_embeddings);
         const auto ids = sd_->tokenizer.encode_batch({text}, std::min<std::size_t>(len, text::clip_tokenizer::default_context_length));
@@ -312,7 +394,8 @@ private:
     }
 
     // One person's forward and backward; gradients accumulate into `acc`. Returns its loss.
-    double person_step(context_t<B>& ctx, std::uint64_t position, std::uint64_t j, std::vector<tensor_type>& acc) {
+    // `final`: this rank's last person of the step, whose gradients go to the all-reduce as they are made.
+    double person_step(context_t<B>& ctx, std::uint64_t position, std::uint64_t j, std::vector<tensor_type>& acc, bool final) {
         const auto& group = persons_[order_->at(position)];
         const auto stream = [&](std::uint64_t purpose) { return detail::stream_of(cfg_.seed, step_, purpose, j); };
         const auto pick = stream(purpose_pick);
@@ -382,13 +465,19 @@ private:
             d_pred = ops::add(ctx, d_pred, ops::slice(ctx, d_states, 1, text_len, pred.dim(1)));
 
         const auto gi = imr_->backward(ctx, imr_saved, d_pred);
-        const auto d_feat = ops::concat(ctx, std::vector<tensor_type>{gi.src_landmark, gi.tgt_landmark}, 0);
-        const auto gk = kpe_->backward(ctx, kpe_saved, d_feat.reshape(feat.shape().to_vector()));
         std::vector<tensor_type> flat_grads;
         detail::visit_imr(gi.weights, [&](const std::string&, const tensor_type& t) { flat_grads.push_back(t); });
         check<value_error>(flat_grads.size() == imr_count_, detail::trainer_component, "the IMR's gradients do not mirror its weights");
-        detail::visit_keypoint_encoder(gk.weights, [&](const std::string&, const tensor_type& t) { flat_grads.push_back(t); }, false);
+        flat_grads.resize(acc.size());
         detail::accumulate_into(ctx, acc, flat_grads);
+        if (final)  // the IMR's gradients travel while the KeyPointEncoder's backward runs
+            for (std::size_t i = 0; i < imr_count_; ++i)
+                if (acc[i].defined()) reduction_->ready(ctx, i, acc[i]);
+        const auto d_feat = ops::concat(ctx, std::vector<tensor_type>{gi.src_landmark, gi.tgt_landmark}, 0);
+        const auto gk = kpe_->backward(ctx, kpe_saved, d_feat.reshape(feat.shape().to_vector()));
+        std::vector<tensor_type> kpe_grads(imr_count_);
+        detail::visit_keypoint_encoder(gk.weights, [&](const std::string&, const tensor_type& t) { kpe_grads.push_back(t); }, false);
+        detail::accumulate_into(ctx, acc, kpe_grads);
         return value;
     }
 
@@ -408,6 +497,7 @@ private:
     std::optional<imr_type> imr_;
     std::optional<kpe_type> kpe_;
     std::optional<adamw<B, T>> opt_;
+    std::optional<detail::overlapped_reduction<B, T, C>> reduction_;
     std::size_t imr_count_ = 0;
     tensor_type text_states_{};
     std::map<std::size_t, image_cache> cache_;

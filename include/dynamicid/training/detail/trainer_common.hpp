@@ -67,6 +67,7 @@ struct trainer_common_config {
     std::filesystem::path resume{};          ///< ["resume"] a checkpoint folder, or "latest" (in output_dir)
     int threads = 0;                         ///< ["threads"] 0: the backend's default (used by the CLI)
     bool activation_checkpointing = false;   ///< ["activation_checkpointing"] recompute UNet blocks in backward
+    double bucket_mb = 25.0;                 ///< ["bucket_mb"] gradient bucket size of the overlapped all-reduce (MiB)
 };
 
 namespace detail {
@@ -260,6 +261,10 @@ struct clip_tower {
 
 // ---- runs: schedule, log, checkpoint folders -----------------------------------
 
+inline bucket_options bucket_options_of(const trainer_common_config& c) {
+    return {.bucket_bytes = std::max<std::size_t>(1, static_cast<std::size_t>(c.bucket_mb * 1048576.0))};
+}
+
 inline lr_schedule make_schedule(const trainer_common_config& c) {
     return lr_schedule{.kind = lr_schedule_kind_from_name(c.lr_schedule), .base_lr = c.lr, .warmup_steps = c.warmup, .total_steps = c.steps};
 }
@@ -277,6 +282,7 @@ inline void validate_common(const trainer_common_config& c) {
     need(std::isfinite(c.clip) && c.clip >= 0, "config: \"clip\" must be finite and >= 0");
     need(c.checkpoint_every >= 0, "config: \"checkpoint_every\" must be >= 0");
     need(c.threads >= 0, "config: \"threads\" must be >= 0");
+    need(std::isfinite(c.bucket_mb) && c.bucket_mb > 0 && c.bucket_mb < 1e6, "config: \"bucket_mb\" must be > 0");
     (void)lr_schedule_kind_from_name(c.lr_schedule);
 }
 
@@ -285,7 +291,7 @@ inline void read_common(const nlohmann::json& j, trainer_common_config& c, const
     check<value_error>(j.is_object(), trainer_component, "config: the top level is not a JSON object");
     static const std::vector<std::string> common{"stage", "sd_model", "image_encoder", "manifest", "output_dir", "steps", "batch", "lr",
                                                  "lr_schedule", "warmup", "weight_decay", "clip", "seed", "checkpoint_every", "resume",
-                                                 "threads", "activation_checkpointing"};
+                                                 "threads", "activation_checkpointing", "bucket_mb"};
     for (const auto& [k, v] : j.items()) {
         const bool known = std::find(common.begin(), common.end(), k) != common.end() ||
                            std::find(stage_keys.begin(), stage_keys.end(), k) != stage_keys.end();
@@ -311,6 +317,7 @@ inline void read_common(const nlohmann::json& j, trainer_common_config& c, const
         if (j.contains("checkpoint_every")) c.checkpoint_every = j.at("checkpoint_every").get<std::int64_t>();
         if (j.contains("threads")) c.threads = j.at("threads").get<int>();
         if (j.contains("activation_checkpointing")) c.activation_checkpointing = j.at("activation_checkpointing").get<bool>();
+        if (j.contains("bucket_mb")) c.bucket_mb = j.at("bucket_mb").get<double>();
     } catch (const nlohmann::json::exception& e) {
         throw value_error(trainer_component, std::string("config: ") + e.what());
     }
@@ -320,7 +327,8 @@ inline nlohmann::json common_to_json(const trainer_common_config& c) {
     return {{"sd_model", c.sd_model.string()}, {"image_encoder", c.image_encoder.string()}, {"manifest", c.manifest.string()},
             {"output_dir", c.output_dir.string()}, {"steps", c.steps}, {"batch", c.batch}, {"lr", c.lr}, {"lr_schedule", c.lr_schedule},
             {"warmup", c.warmup}, {"weight_decay", c.weight_decay}, {"clip", c.clip}, {"seed", c.seed},
-            {"checkpoint_every", c.checkpoint_every}, {"threads", c.threads}, {"activation_checkpointing", c.activation_checkpointing}};
+            {"checkpoint_every", c.checkpoint_every}, {"threads", c.threads}, {"activation_checkpointing", c.activation_checkpointing},
+            {"bucket_mb", c.bucket_mb}};
 }
 
 /// "checkpoint-<step>" folders: the newest one in `dir` (none: empty path).
@@ -437,6 +445,78 @@ C* pick_communicator(C* given, single_process_communicator& own) {
         return given;
     }
 }
+
+/// The step's gradients summed over ranks while the backward still runs: a
+/// gradient_bucketer packed in the order the backward produces gradients
+/// (`arrival`: optimizer indices, first produced first), so each bucket's
+/// all-reduce starts as soon as its gradients are final. ready() takes a final
+/// gradient by optimizer index; finish() hands in what never became ready
+/// (zeros for what got no gradient), waits, and returns every gradient in
+/// optimizer order. Every rank must construct it with the same order.
+template <class B, class T, class C>
+class overlapped_reduction {
+public:
+    overlapped_reduction(C& comm, const std::vector<tensor<B, T>>& params, const std::vector<std::size_t>& arrival, bucket_options options)
+        : shapes_(params.size()), bucket_index_(params.size(), params.size()), grads_(params.size()), delivered_(params.size(), false),
+          buckets_(comm, numels(params, arrival), with_sum(options)) {
+        for (std::size_t i = 0; i < params.size(); ++i) shapes_[i] = params[i].shape();
+        check<value_error>(arrival.size() == params.size(), trainer_component, "reduction order lists ", arrival.size(), " of ",
+                           params.size(), " parameters");
+        // The bucketer packs its highest index first: the first to arrive gets the highest.
+        for (std::size_t k = 0; k < arrival.size(); ++k) {
+            check<value_error>(arrival[k] < params.size() && bucket_index_[arrival[k]] == params.size(), trainer_component,
+                               "reduction order is not a permutation");
+            bucket_index_[arrival[k]] = params.size() - 1 - k;
+        }
+    }
+
+    /// Gradient of optimizer parameter `i` is final on this rank; its storage receives the sum.
+    void ready(context_t<B>& ctx, std::size_t i, const tensor<B, T>& grad) {
+        check<value_error>(i < grads_.size() && !delivered_[i], trainer_component, "gradient ", i, " handed in twice");
+        delivered_[i] = true;
+        grads_[i] = grad;
+        buckets_.grad_ready(ctx, bucket_index_[i], grads_[i]);
+    }
+    bool delivered(std::size_t i) const { return delivered_.at(i); }
+
+    /// Hands in the rest (`rest[i]`, or zeros when undefined), waits for every
+    /// bucket and returns the summed gradients; ready for the next step.
+    std::vector<tensor<B, T>> finish(context_t<B>& ctx, const std::vector<tensor<B, T>>& rest) {
+        check<value_error>(rest.size() == grads_.size(), trainer_component, "finish: ", rest.size(), " gradients for ", grads_.size(),
+                           " parameters");
+        for (std::size_t i = 0; i < grads_.size(); ++i)
+            if (!delivered_[i]) ready(ctx, i, rest[i].defined() ? rest[i] : tensor<B, T>::zeros(ctx, shapes_[i]));
+        buckets_.finish(ctx);
+        auto out = std::move(grads_);
+        grads_.assign(out.size(), {});
+        std::fill(delivered_.begin(), delivered_.end(), false);
+        return out;
+    }
+    /// Drops the step (after an error), waiting for started reductions.
+    void abandon() noexcept {
+        buckets_.abandon();
+        grads_.assign(grads_.size(), {});
+        std::fill(delivered_.begin(), delivered_.end(), false);
+    }
+    std::size_t bucket_count() const noexcept { return buckets_.bucket_count(); }
+
+private:
+    static std::vector<index_t> numels(const std::vector<tensor<B, T>>& params, const std::vector<std::size_t>& arrival) {
+        std::vector<index_t> n(params.size(), 0);
+        for (std::size_t k = 0; k < arrival.size() && k < params.size(); ++k)
+            if (arrival[k] < params.size()) n[params.size() - 1 - k] = params[arrival[k]].numel();
+        return n;
+    }
+    static bucket_options with_sum(bucket_options o) {
+        o.average = false;
+        return o;
+    }
+    std::vector<shape> shapes_;
+    std::vector<std::size_t> bucket_index_;
+    std::vector<tensor<B, T>> grads_;
+    std::vector<bool> delivered_;
+    gradient_bucketer<B, T, C> buckets_;
+};
 
 /// Timing for samples/s.
 struct run_clock {
