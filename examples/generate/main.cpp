@@ -21,6 +21,7 @@
 // bar on a terminal, otherwise a line about every tenth of the run.
 #include "png_text.hpp"
 #include "train_command.hpp"
+#include "world_command.hpp"
 #if defined(DYNAMICID_CLI_FACE)
 #include "face_command.hpp"
 
@@ -67,8 +68,9 @@ using clock_type = std::chrono::steady_clock;
 
 constexpr const char* usage_text =
     "usage: dynamicid generate --model PATH --prompt TEXT [options]\n"
-    "       dynamicid train anchor|imr --config FILE.json    (docs/training.md)\n"
+    "       dynamicid train base|anchor|imr --config FILE.json   (docs/training.md; also train init)\n"
     "       dynamicid face analyze PHOTO [--models DIR] [--out FILE]   (builds with ONNX; docs/face.md)\n"
+    "       dynamicid world render|show|sheet ...            (procedural faces; docs/world.md)\n"
     "\n"
     "  --model PATH      a diffusers folder or an SD1.x .safetensors file (required)\n"
     "  --prompt TEXT     what to draw (required)\n"
@@ -559,6 +561,7 @@ int main(int argc, char** argv) {
     try {
         if (command == "generate") return generate(argc, argv);
         if (command == "train") return dynamicid_cli::run_train_command(argc - 1, argv + 1);
+        if (command == "world") return dynamicid_cli::run_world_command(argc - 1, argv + 1);
 #if defined(DYNAMICID_CLI_FACE)
         if (command == "face") return dynamicid_cli::run_face_command(argc - 1, argv + 1);
 #endif

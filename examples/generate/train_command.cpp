@@ -1,8 +1,10 @@
-// dynamicid CLI: `dynamicid train anchor|imr --config file.json` (see train_command.hpp).
+// dynamicid CLI: `dynamicid train base|anchor|imr --config file.json` and
+// `dynamicid train init FOLDER` (see train_command.hpp).
 #include "train_command.hpp"
 
 #include <dynamicid/backends/cpu.hpp>
 #include <dynamicid/training/anchor_trainer.hpp>
+#include <dynamicid/training/base_trainer.hpp>
 #include <dynamicid/training/imr_trainer.hpp>
 
 #include <nlohmann/json.hpp>
@@ -23,11 +25,15 @@ std::atomic<bool> interrupted{false};
 extern "C" void on_interrupt(int) { interrupted.store(true); }
 
 constexpr const char* usage =
-    "usage: dynamicid train anchor|imr --config FILE.json [--threads N]\n"
+    "usage: dynamicid train base|anchor|imr --config FILE.json [--threads N]\n"
+    "       dynamicid train init MODEL/text_encoder|unet|vae [--seed N]\n"
+    "  base     a base-model component from scratch (\"component\": \"vae\" or \"unet\"; writes <component>/ in diffusers' layout)\n"
+    "  init     writes random weights (torch's default initialisation) for a component folder that has only its config.json\n"
     "  anchor   the anchoring stage: projection + SA/SAA processors (writes SAA.safetensors)\n"
     "  imr      the reconfiguration stage: IMR + KeyPointEncoder (writes IMR.safetensors, key_point_encoder.safetensors)\n"
     "Config keys: sd_model, image_encoder, manifest, output_dir, steps, batch, lr, lr_schedule, warmup, weight_decay,\n"
     "  clip, seed, checkpoint_every, resume (a checkpoint folder or \"latest\"), threads, activation_checkpointing;\n"
+    "  base: component, init (random|pretrained), resolution, caption_drop, kl_weight;\n"
     "  anchor: resolution, rank, init_checkpoint, projection_init, num_tokens, projection_depth, id_drop, text_drop,\n"
     "  both_drop, gate; imr: saa_checkpoint, imr_init, keypoint_encoder_init, targets, resolution, lambda,\n"
     "  landmark_frame, gate. Checkpoints: OUTPUT_DIR/checkpoint-<step>/, log: OUTPUT_DIR/train_log.csv.\n";
@@ -66,21 +72,40 @@ int train(const nlohmann::json& j, int threads_override) {
 }  // namespace
 
 int run_train_command(int argc, char** argv) {
-    std::string stage, config;
+    std::string stage, config, folder;
     int threads = 0;
+    unsigned long long seed = 0;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
-        if ((a == "--config" || a == "--threads") && i + 1 < argc) {
+        if ((a == "--config" || a == "--threads" || a == "--seed") && i + 1 < argc) {
             if (a == "--config") config = argv[++i];
+            else if (a == "--seed") seed = std::strtoull(argv[++i], nullptr, 10);
             else threads = std::atoi(argv[++i]);
         } else if (a == "-h" || a == "--help") {
             std::fputs(usage, stdout);
             return 0;
-        } else if (stage.empty() && (a == "anchor" || a == "imr")) {
+        } else if (stage.empty() && (a == "anchor" || a == "imr" || a == "base" || a == "init")) {
             stage = a;
+        } else if (stage == "init" && folder.empty()) {
+            folder = a;
         } else {
             std::fprintf(stderr, "dynamicid train: unexpected argument '%s'\n%s", a.c_str(), usage);
             return 2;
+        }
+    }
+    if (stage == "init") {
+        if (folder.empty()) {
+            std::fputs(usage, stderr);
+            return 2;
+        }
+        try {
+            dynamicid::cpu_backend::context ctx{};
+            const bool wrote = dynamicid::training::initialize_component<dynamicid::cpu_backend>(ctx, folder, seed);
+            std::printf("%s %s\n", wrote ? "wrote random weights into" : "weights already present in", folder.c_str());
+            return 0;
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "dynamicid train init: %s\n", e.what());
+            return 1;
         }
     }
     if (stage.empty() || config.empty()) {
@@ -100,6 +125,7 @@ int run_train_command(int argc, char** argv) {
             throw dynamicid::value_error("train", "config '" + config + "' is for the '" + j["stage"].dump() + "' stage");
         namespace tr = dynamicid::training;
         if (stage == "anchor") return train<tr::anchor_trainer<dynamicid::cpu_backend>, tr::anchor_trainer_config>(j, threads);
+        if (stage == "base") return train<tr::base_trainer<dynamicid::cpu_backend>, tr::base_trainer_config>(j, threads);
         return train<tr::imr_trainer<dynamicid::cpu_backend>, tr::imr_trainer_config>(j, threads);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "\ndynamicid train: %s\n", e.what());

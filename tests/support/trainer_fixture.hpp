@@ -133,4 +133,27 @@ inline training::imr_trainer_config imr_config(const fs::path& manifest, const f
     return c;
 }
 
+/// Every tensor's values on the host.
+template <class Ctx, class Tensor>
+std::vector<std::vector<float>> host(Ctx& ctx, const std::vector<Tensor>& ts) {
+    std::vector<std::vector<float>> out;
+    for (const auto& t : ts) out.push_back(t.to_host(ctx));
+    return out;
+}
+
+/// run()s a trainer, returning the loss of every step.
+template <class Ctx, class Trainer>
+std::vector<double> losses_of(Ctx& ctx, Trainer& t) {
+    std::vector<double> out;
+    t.run(ctx, {}, [&](const training::train_progress& p) { out.push_back(p.loss); });
+    return out;
+}
+
+/// The mean of v[from, to).
+inline double mean(const std::vector<double>& v, std::size_t from, std::size_t to) {
+    double s = 0;
+    for (std::size_t i = from; i < to; ++i) s += v[i];
+    return s / static_cast<double>(to - from);
+}
+
 }  // namespace dynamicid_test::trainers

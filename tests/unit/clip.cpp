@@ -5,19 +5,7 @@
 
 // stb_image's implementation for this program, file-local (the library's
 // loader header only declares it).
-#define STB_IMAGE_STATIC
-#define STB_IMAGE_IMPLEMENTATION
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
-#pragma GCC diagnostic ignored "-Wsign-compare"
-#endif
-#include <stb/stb_image.h>
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
-#undef STB_IMAGE_IMPLEMENTATION
+#include <support/stb_image_impl.hpp>
 
 #include <dynamicid/backends/cpu.hpp>
 #include <dynamicid/conform/conform.hpp>

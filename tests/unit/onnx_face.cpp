@@ -3,19 +3,7 @@
 // networks shaped like buffalo_l's (tools/golden/make_onnx_goldens.py), the
 // geometry against skimage/OpenCV, SCRFD decoding against insightface's
 // post-processing in numpy, the pose fit, photos and a bad-file corpus.
-#define STB_IMAGE_STATIC
-#define STB_IMAGE_IMPLEMENTATION
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
-#pragma GCC diagnostic ignored "-Wsign-compare"
-#endif
-#include <stb/stb_image.h>
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
-#undef STB_IMAGE_IMPLEMENTATION
+#include <support/stb_image_impl.hpp>
 
 #include <dynamicid/backends/cpu.hpp>
 #include <dynamicid/face/analyzer.hpp>

@@ -24,24 +24,6 @@ using namespace dynamicid_test::trainers;
 using dynamicid::cpu_backend;
 using tensor_f = dynamicid::tensor<cpu_backend, float>;
 
-std::vector<std::vector<float>> host(cpu_backend::context& ctx, const std::vector<tensor_f>& ts) {
-    std::vector<std::vector<float>> out;
-    for (const auto& t : ts) out.push_back(t.to_host(ctx));
-    return out;
-}
-
-template <class Trainer>
-std::vector<double> losses_of(cpu_backend::context& ctx, Trainer& t) {
-    std::vector<double> out;
-    t.run(ctx, {}, [&](const training::train_progress& p) { out.push_back(p.loss); });
-    return out;
-}
-
-double mean(const std::vector<double>& v, std::size_t from, std::size_t to) {
-    double s = 0;
-    for (std::size_t i = from; i < to; ++i) s += v[i];
-    return s / static_cast<double>(to - from);
-}
 
 }  // namespace
 

@@ -62,6 +62,7 @@ struct manifest_limits {
     std::size_t max_line_bytes = 1 << 20;
     std::size_t max_samples = 10'000'000;
     std::size_t arcface_width = 512;  ///< 0: any width (all lines must agree)
+    bool require_arcface = true;      ///< false: "arcface" may be absent (base-model training)
 };
 
 namespace detail {
@@ -133,8 +134,9 @@ inline std::vector<manifest_sample> read_manifest(const std::filesystem::path& p
         s.text = string_of("text", false).value_or("");
         s.person = string_of("person", false).value_or("");
         s.face_prompt = string_of("face_prompt", false).value_or("");
-        check<io_error>(j.contains("arcface"), dataset_component, where, ": no \"arcface\"");
-        if (j["arcface"].is_string()) {
+        check<io_error>(j.contains("arcface") || !limits.require_arcface, dataset_component, where, ": no \"arcface\"");
+        if (!j.contains("arcface")) {
+        } else if (j["arcface"].is_string()) {
             const auto file = io::safetensors_file::open(resolve(j["arcface"].get<std::string>()));
             const auto names = file.names();
             check<io_error>(names.size() == 1, dataset_component, where, ": the arcface file holds ", names.size(), " tensors, expected 1");

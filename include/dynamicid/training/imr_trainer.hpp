@@ -274,23 +274,10 @@ public:
             reduction_->abandon();
             throw;
         }
-        if (comm_->size() > 1) {
-            std::vector<double> l{loss};
-            comm_->allreduce_sum(std::span<double>(l));
-            loss = l[0];
-        }
-        const double norm = clip_grad_norm(ctx, grads, cfg_.clip > 0 ? cfg_.clip : 1e30);
-        check<value_error>(std::isfinite(norm), detail::trainer_component, "step ", step_, ": the gradient norm is ", norm);
-        opt_->step(ctx, grads);
+        loss = detail::sum_over_ranks(*comm_, loss);
+        const auto n = static_cast<double>(cfg_.batch);
+        auto p = detail::apply_gradients(ctx, *opt_, grads, cfg_, step_ + 1, lr, loss / n, n * static_cast<double>(1 + cfg_.targets), clock);
         ++step_;
-        train_progress p;
-        p.step = step_;
-        p.total = cfg_.steps;
-        p.loss = loss / static_cast<double>(cfg_.batch);
-        p.lr = lr;
-        p.grad_norm = norm;
-        p.seconds = clock.seconds();
-        p.samples_per_second = p.seconds > 0 ? static_cast<double>(cfg_.batch * (1 + cfg_.targets)) / p.seconds : 0.0;
         return p;
     }
 
@@ -319,15 +306,7 @@ public:
         if (comm_->rank() != 0) return {};
         const auto imr = imr_file(ctx);
         const auto kpe = keypoint_encoder_file(ctx);
-        io::safetensors_writer state;
-        detail::add_optimizer_state(ctx, state, *opt_);
-        state.set_metadata("stage", stage);
-        state.set_metadata("step", std::to_string(step_));
-        state.set_metadata("seed", std::to_string(cfg_.seed));
-        state.set_metadata("batch", std::to_string(cfg_.batch));
-        state.set_metadata("data_position", std::to_string(step_ * cfg_.batch));
-        state.set_metadata("rng", "philox, streams keyed by (seed, step, purpose, person); nothing else to restore");
-        state.set_metadata("config", cfg_.to_json().dump());
+        const auto state = detail::trainer_state(ctx, *opt_, stage, step_, cfg_, cfg_.to_json());
         return detail::write_checkpoint_folder(
             cfg_.output_dir, step_,
             {{"IMR.safetensors", &imr}, {"key_point_encoder.safetensors", &kpe}, {"trainer_state.safetensors", &state}});

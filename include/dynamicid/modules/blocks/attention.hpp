@@ -31,6 +31,17 @@
 //
 //     auto [y, saved] = attn.forward_train(ctx, x, &text);
 //     auto g = attn.backward(ctx, saved, grad_y);     // g.input (B, N, 320), g.context (B, 77, 768)
+//
+// Training the projections too (gradients add into a params-shaped struct):
+//
+//     auto [y, saved] = attn.forward_train(ctx, x, &text, /*trainable=*/true);
+//     decltype(attn)::param_grads pg;
+//     auto g = attn.backward(ctx, saved, grad_y, &pg);   // pg.to_q.weight, pg.to_out.bias, ...
+//
+// The VAE's spatial variant (group norm and residual included):
+//
+//     auto [z, saved] = vae_attn.forward_spatial_train(ctx, h, /*trainable=*/true);
+//     auto dh = vae_attn.backward_spatial(ctx, saved, grad_z, &pg);   // (B, 512, H, W)
 #pragma once
 
 #include <dynamicid/core/error.hpp>
@@ -43,6 +54,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <string_view>
 #include <utility>
 
@@ -75,6 +87,8 @@ public:
         linear_layer<B, T> to_q, to_k, to_v;
         linear_layer<B, T> to_out;  ///< diffusers' to_out.0 (to_out.1 is dropout)
     };
+    /// Gradients of the weights, shaped like params.
+    using param_grads = params;
 
     attention() = default;
 
@@ -94,6 +108,21 @@ public:
 
     const config& settings() const noexcept { return config_; }
     const params& weights() const noexcept { return params_; }
+    /// The weights in the shape of param_grads (tensors share storage with the layer's).
+    const params& parameters() const noexcept { return params_; }
+
+    /// f(name, weight, grad) for every weight, named by diffusers' keys below
+    /// `prefix` ("to_q.weight", "to_out.0.bias", ...); `grads` may be null.
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        using modules::detail::visit_layer;
+        visit_layer(prefix + "group_norm", params_.group_norm, grads ? &grads->group_norm : nullptr, f);
+        visit_layer(prefix + "to_q", params_.to_q, grads ? &grads->to_q : nullptr, f);
+        visit_layer(prefix + "to_k", params_.to_k, grads ? &grads->to_k : nullptr, f);
+        visit_layer(prefix + "to_v", params_.to_v, grads ? &grads->to_v : nullptr, f);
+        visit_layer(prefix + "to_out.0", params_.to_out, grads ? &grads->to_out : nullptr, f);
+    }
+
     index_t inner_dim() const noexcept { return config_.heads * config_.dim_head; }
 
     /// Attention.forward on tokens: x (B, N, query_dim), context (B, L,
@@ -158,7 +187,7 @@ public:
         return ops::permute(ctx, t.reshape({batch, config_.heads, n, config_.dim_head}), {0, 2, 1, 3}).reshape({batch, n, inner_dim()});
     }
 
-    /// What backward needs: the projections' inputs are not kept (frozen weights).
+    /// What backward needs: the projections' inputs are kept only when trainable.
     struct saved {
         ops::linear_saved<B, T> to_q, to_k, to_v, to_out;
         ops::attention_saved<B, T> attention;
@@ -170,52 +199,119 @@ public:
         tensor_type input, context;
     };
 
-    /// forward() on tokens keeping what backward() needs (the group-norm variant is not differentiable here).
-    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x, const tensor_type* context = nullptr) const {
-        using modules::detail::frozen_forward;
+    /// forward() on tokens keeping what backward() needs (the group-norm
+    /// variant is not differentiable here: see forward_spatial_train). With
+    /// `trainable` the projections' inputs are kept for their weight gradients.
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x, const tensor_type* context = nullptr,
+                                                bool trainable = false) const {
         check_tokens(x);
         check<unsupported_error>(config_.norm_num_groups == 0, "attention", "training through the group-norm variant is not supported");
         const tensor_type& c = context ? *context : x;
         check<shape_error>(c.rank() == 3 && c.dim(0) == x.dim(0) && c.dim(2) == config_.cross_attention_dim, "attention", "context ",
                            c.shape().str(), " is not (", x.dim(0), ", L, ", config_.cross_attention_dim, ")");
+        auto [out, s] = attend_train(ctx, x, c, context == nullptr, trainable);
+        return {finish_residual(ctx, out, x), std::move(s)};
+    }
+
+    /// Gradients for grad_output (B, N, query_dim); when `pg` is not null and
+    /// the forward was trainable, the projections' gradients are added into *pg.
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output, param_grads* pg = nullptr) const {
+        check<shape_error>(grad_output.shape() == shape{s.batch, s.queries, config_.query_dim}, "attention", "gradient ",
+                           grad_output.shape().str(), " is not (", s.batch, ", ", s.queries, ", ", config_.query_dim, ")");
+        const auto g = config_.rescale_output_factor != 1.0 ? ops::scale(ctx, grad_output, 1.0 / config_.rescale_output_factor)
+                                                            : grad_output;
+        auto out = attend_backward(ctx, s, g, pg);
+        if (config_.residual_connection) out.input = ops::add(ctx, out.input, g);
+        return out;
+    }
+
+    /// What backward_spatial needs.
+    struct spatial_saved {
+        modules::detail::group_norm_saved<B, T> norm;
+        saved attention;
+        bool normed = false;
+        index_t batch = 0, channels = 0, height = 0, width = 0;
+    };
+
+    /// forward_spatial() keeping what backward_spatial() needs (the VAE's
+    /// mid-block attention: group norm, self-attention over the pixels,
+    /// residual). With `trainable` also what the weight gradients need.
+    std::pair<tensor_type, spatial_saved> forward_spatial_train(context_t<B>& ctx, const tensor_type& x, bool trainable = false) const {
+        check<shape_error>(x.rank() == 4 && x.dim(1) == config_.query_dim, "attention", "input ", x.shape().str(), " is not (B, ",
+                           config_.query_dim, ", H, W)");
+        spatial_saved s;
+        s.batch = x.dim(0);
+        s.channels = x.dim(1);
+        s.height = x.dim(2);
+        s.width = x.dim(3);
+        tensor_type normed = x;
+        if (config_.norm_num_groups > 0) {
+            auto [n, sn] = modules::detail::layer_forward(ctx, params_.group_norm, x, trainable);
+            normed = n;
+            s.norm = std::move(sn);
+            s.normed = true;
+        }
+        const auto tokens = ops::permute(ctx, normed.reshape({s.batch, s.channels, s.height * s.width}), {0, 2, 1});
+        auto [out, sa] = attend_train(ctx, tokens, tokens, true, trainable);
+        s.attention = std::move(sa);
+        const auto image = ops::permute(ctx, out, {0, 2, 1}).reshape({s.batch, s.channels, s.height, s.width});
+        return {finish_residual(ctx, image, x), std::move(s)};
+    }
+
+    /// Gradient w.r.t. the image for grad_output (B, query_dim, H, W); weight
+    /// gradients are added into *pg as in backward().
+    tensor_type backward_spatial(context_t<B>& ctx, const spatial_saved& s, const tensor_type& grad_output,
+                                 param_grads* pg = nullptr) const {
+        check<shape_error>(grad_output.shape() == shape{s.batch, s.channels, s.height, s.width}, "attention", "gradient ",
+                           grad_output.shape().str(), " does not match the forward");
+        const auto g = config_.rescale_output_factor != 1.0 ? ops::scale(ctx, grad_output, 1.0 / config_.rescale_output_factor)
+                                                            : grad_output;
+        const auto g_tokens = ops::permute(ctx, g.reshape({s.batch, s.channels, s.height * s.width}), {0, 2, 1});
+        const auto d = attend_backward(ctx, s.attention, g_tokens, pg);
+        auto d_image = ops::permute(ctx, d.input, {0, 2, 1}).reshape({s.batch, s.channels, s.height, s.width});
+        if (s.normed) d_image = modules::detail::layer_backward(ctx, s.norm, d_image, pg ? &pg->group_norm : nullptr);
+        if (config_.residual_connection) d_image = ops::add(ctx, d_image, g);
+        return d_image;
+    }
+
+private:
+    /// The projections, attention and to_out of a training forward (no norm, no residual).
+    std::pair<tensor_type, saved> attend_train(context_t<B>& ctx, const tensor_type& x, const tensor_type& c, bool self_attention,
+                                               bool trainable) const {
+        using modules::detail::layer_forward;
         saved s;
-        s.self_attention = context == nullptr;
+        s.self_attention = self_attention;
         s.batch = x.dim(0);
         s.queries = x.dim(1);
         s.keys = c.dim(1);
-        auto [q, sq] = frozen_forward(ctx, params_.to_q, x);
-        auto [k, sk] = frozen_forward(ctx, params_.to_k, c);
-        auto [v, sv] = frozen_forward(ctx, params_.to_v, c);
+        auto [q, sq] = layer_forward(ctx, params_.to_q, x, trainable);
+        auto [k, sk] = layer_forward(ctx, params_.to_k, c, trainable);
+        auto [v, sv] = layer_forward(ctx, params_.to_v, c, trainable);
         const double scale = 1.0 / std::sqrt(static_cast<double>(config_.dim_head));
         auto [o, sa] = ops::attention_forward(ctx, split_heads(ctx, q), split_heads(ctx, k), split_heads(ctx, v), scale);
-        auto [out, so] = frozen_forward(ctx, params_.to_out, merge_heads(ctx, o, s.batch, s.queries));
+        auto [out, so] = layer_forward(ctx, params_.to_out, merge_heads(ctx, o, s.batch, s.queries), trainable);
         s.to_q = std::move(sq);
         s.to_k = std::move(sk);
         s.to_v = std::move(sv);
         s.attention = std::move(sa);
         s.to_out = std::move(so);
-        return {finish_residual(ctx, out, x), std::move(s)};
+        return {out, std::move(s)};
     }
 
-    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
-        using modules::detail::frozen_backward;
-        check<shape_error>(grad_output.shape() == shape{s.batch, s.queries, config_.query_dim}, "attention", "gradient ",
-                           grad_output.shape().str(), " is not (", s.batch, ", ", s.queries, ", ", config_.query_dim, ")");
-        const auto g = config_.rescale_output_factor != 1.0 ? ops::scale(ctx, grad_output, 1.0 / config_.rescale_output_factor)
-                                                            : grad_output;
-        const auto d_heads = split_heads(ctx, frozen_backward(ctx, s.to_out, g));
+    /// Backward of attend_train for the gradient of its output (already divided by rescale_output_factor).
+    grads attend_backward(context_t<B>& ctx, const saved& s, const tensor_type& g, param_grads* pg) const {
+        using modules::detail::layer_backward;
+        const auto d_heads = split_heads(ctx, layer_backward(ctx, s.to_out, g, pg ? &pg->to_out : nullptr));
         const auto d = ops::attention_backward(ctx, s.attention, d_heads);
         grads out;
-        out.input = frozen_backward(ctx, s.to_q, merge_heads(ctx, d.q, s.batch, s.queries));
-        auto dc = ops::add(ctx, frozen_backward(ctx, s.to_k, merge_heads(ctx, d.k, s.batch, s.keys)),
-                           frozen_backward(ctx, s.to_v, merge_heads(ctx, d.v, s.batch, s.keys)));
+        out.input = layer_backward(ctx, s.to_q, merge_heads(ctx, d.q, s.batch, s.queries), pg ? &pg->to_q : nullptr);
+        auto dc = ops::add(ctx, layer_backward(ctx, s.to_k, merge_heads(ctx, d.k, s.batch, s.keys), pg ? &pg->to_k : nullptr),
+                           layer_backward(ctx, s.to_v, merge_heads(ctx, d.v, s.batch, s.keys), pg ? &pg->to_v : nullptr));
         if (s.self_attention) out.input = ops::add(ctx, out.input, dc);
         else out.context = std::move(dc);
-        if (config_.residual_connection) out.input = ops::add(ctx, out.input, g);
         return out;
     }
 
-private:
     void check_tokens(const tensor_type& x) const {
         check<shape_error>(x.rank() == 3 && x.dim(2) == config_.query_dim, "attention", "input ", x.shape().str(), " is not (B, N, ",
                            config_.query_dim, ")");

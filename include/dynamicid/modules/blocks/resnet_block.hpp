@@ -21,6 +21,13 @@
 //
 //     auto [y, saved] = block.forward_train(ctx, x, &temb);
 //     auto g = block.backward(ctx, saved, grad_y);   // g.input (N, 320, H, W), g.temb (N, 1280)
+//
+// Training the block's own weights too (a params-shaped gradient struct;
+// gradients add into it, undefined entries counting as zeros):
+//
+//     auto [y, saved] = block.forward_train(ctx, x, &temb, /*trainable=*/true);
+//     decltype(block)::param_grads pg;
+//     auto g = block.backward(ctx, saved, grad_y, &pg);   // pg.conv1.weight, pg.norm1.bias, ...
 #pragma once
 
 #include <dynamicid/core/error.hpp>
@@ -64,6 +71,8 @@ public:
         linear_layer<B, T> time_emb_proj;  ///< undefined weight when temb_channels == 0
         conv2d_layer<B, T> conv_shortcut;  ///< undefined weight without a 1x1 shortcut
     };
+    /// Gradients of the weights, shaped like params (norm groups/eps unused).
+    using param_grads = params;
 
     resnet_block() = default;
 
@@ -86,6 +95,21 @@ public:
 
     const config& settings() const noexcept { return config_; }
     const params& weights() const noexcept { return params_; }
+    /// The weights in the shape of param_grads (tensors share storage with the block's).
+    const params& parameters() const noexcept { return params_; }
+
+    /// f(name, weight, grad) for every weight, named by diffusers' keys below
+    /// `prefix` ("conv1.weight", ...); `grads` may be null (undefined gradients).
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        using modules::detail::visit_layer;
+        visit_layer(prefix + "norm1", params_.norm1, grads ? &grads->norm1 : nullptr, f);
+        visit_layer(prefix + "conv1", params_.conv1, grads ? &grads->conv1 : nullptr, f);
+        visit_layer(prefix + "time_emb_proj", params_.time_emb_proj, grads ? &grads->time_emb_proj : nullptr, f);
+        visit_layer(prefix + "norm2", params_.norm2, grads ? &grads->norm2 : nullptr, f);
+        visit_layer(prefix + "conv2", params_.conv2, grads ? &grads->conv2 : nullptr, f);
+        visit_layer(prefix + "conv_shortcut", params_.conv_shortcut, grads ? &grads->conv_shortcut : nullptr, f);
+    }
 
     /// x (N, in_channels, H, W), temb (N, temb_channels) or null -> (N, out_channels, H, W).
     tensor_type forward(context_t<B>& ctx, const tensor_type& x, const tensor_type* temb = nullptr) const {
@@ -120,16 +144,20 @@ public:
         tensor_type input, temb;
     };
 
-    /// forward() keeping what backward() needs.
-    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x, const tensor_type* temb = nullptr) const {
-        using modules::detail::frozen_forward;
+    /// forward() keeping what backward() needs; with `trainable` also what the
+    /// weight gradients need (otherwise nothing for the weights).
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x, const tensor_type* temb = nullptr,
+                                                bool trainable = false) const {
+        const auto fwd = [&](context_t<B>& cx, const auto& layer, const tensor_type& in) {
+            return modules::detail::layer_forward(cx, layer, in, trainable);
+        };
         const auto& c = config_;
         check<shape_error>(x.rank() == 4 && x.dim(1) == c.in_channels, "resnet_block", "input ", x.shape().str(), " is not (N, ",
                            c.in_channels, ", H, W)");
         saved s;
-        auto [n1, sn1] = frozen_forward(ctx, params_.norm1, x);
+        auto [n1, sn1] = fwd(ctx, params_.norm1, x);
         auto [a1, sa1] = ops::unary_forward(ctx, unary_op::silu, n1);
-        auto [h, sc1] = frozen_forward(ctx, params_.conv1, a1);
+        auto [h, sc1] = fwd(ctx, params_.conv1, a1);
         s.norm1 = std::move(sn1);
         s.act1 = std::move(sa1);
         s.conv1 = std::move(sc1);
@@ -138,21 +166,21 @@ public:
             check<shape_error>(temb->rank() == 2 && temb->dim(0) == x.dim(0) && temb->dim(1) == c.temb_channels, "resnet_block",
                                "time embedding ", temb->shape().str(), " is not (", x.dim(0), ", ", c.temb_channels, ")");
             auto [at, sat] = ops::unary_forward(ctx, unary_op::silu, *temb);
-            auto [t, stp] = frozen_forward(ctx, params_.time_emb_proj, at);
+            auto [t, stp] = fwd(ctx, params_.time_emb_proj, at);
             s.act_temb = std::move(sat);
             s.time_emb_proj = std::move(stp);
             s.has_temb = true;
             h = ops::add(ctx, h, t.reshape({x.dim(0), c.out_channels, 1, 1}));
         }
-        auto [n2, sn2] = frozen_forward(ctx, params_.norm2, h);
+        auto [n2, sn2] = fwd(ctx, params_.norm2, h);
         auto [a2, sa2] = ops::unary_forward(ctx, unary_op::silu, n2);
-        auto [h2, sc2] = frozen_forward(ctx, params_.conv2, a2);
+        auto [h2, sc2] = fwd(ctx, params_.conv2, a2);
         s.norm2 = std::move(sn2);
         s.act2 = std::move(sa2);
         s.conv2 = std::move(sc2);
         tensor_type shortcut = x;
         if (*c.use_in_shortcut) {
-            auto [y, ss] = frozen_forward(ctx, params_.conv_shortcut, x);
+            auto [y, ss] = fwd(ctx, params_.conv_shortcut, x);
             shortcut = y;
             s.conv_shortcut = std::move(ss);
         }
@@ -161,23 +189,25 @@ public:
         return {out, std::move(s)};
     }
 
-    /// Gradients w.r.t. x and temb for grad_output (N, out_channels, H, W).
-    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
-        using modules::detail::frozen_backward;
+    /// Gradients w.r.t. x and temb for grad_output (N, out_channels, H, W);
+    /// when `pg` is not null and the forward was trainable, the weight
+    /// gradients are added into *pg.
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output, param_grads* pg = nullptr) const {
+        using modules::detail::layer_backward;
         const auto& c = config_;
         check<shape_error>(grad_output.rank() == 4 && grad_output.dim(1) == c.out_channels, "resnet_block", "gradient ",
                            grad_output.shape().str(), " is not (N, ", c.out_channels, ", H, W)");
         const auto g = c.output_scale_factor != 1.0 ? ops::scale(ctx, grad_output, 1.0 / c.output_scale_factor) : grad_output;
-        auto d = frozen_backward(ctx, s.conv2, g);
-        d = frozen_backward(ctx, s.norm2, ops::unary_backward(ctx, s.act2, d));
+        auto d = layer_backward(ctx, s.conv2, g, pg ? &pg->conv2 : nullptr);
+        d = layer_backward(ctx, s.norm2, ops::unary_backward(ctx, s.act2, d), pg ? &pg->norm2 : nullptr);
         grads out;
         if (s.has_temb) {
             const auto dt = ops::sum(ctx, d, {2, 3}).reshape({d.dim(0), d.dim(1)});
-            out.temb = ops::unary_backward(ctx, s.act_temb, frozen_backward(ctx, s.time_emb_proj, dt));
+            out.temb = ops::unary_backward(ctx, s.act_temb, layer_backward(ctx, s.time_emb_proj, dt, pg ? &pg->time_emb_proj : nullptr));
         }
-        d = frozen_backward(ctx, s.conv1, d);
-        d = frozen_backward(ctx, s.norm1, ops::unary_backward(ctx, s.act1, d));
-        out.input = ops::add(ctx, d, *c.use_in_shortcut ? frozen_backward(ctx, s.conv_shortcut, g) : g);
+        d = layer_backward(ctx, s.conv1, d, pg ? &pg->conv1 : nullptr);
+        d = layer_backward(ctx, s.norm1, ops::unary_backward(ctx, s.act1, d), pg ? &pg->norm1 : nullptr);
+        out.input = ops::add(ctx, d, *c.use_in_shortcut ? layer_backward(ctx, s.conv_shortcut, g, pg ? &pg->conv_shortcut : nullptr) : g);
         return out;
     }
 

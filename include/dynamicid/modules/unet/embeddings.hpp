@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -63,6 +64,7 @@ public:
     struct params {
         linear_layer<B, T> linear_1, linear_2;
     };
+    using param_grads = params;
 
     timestep_embedding() = default;
 
@@ -74,6 +76,13 @@ public:
     }
 
     const params& weights() const noexcept { return params_; }
+    const params& parameters() const noexcept { return params_; }
+    /// f(name, weight, grad) for linear_1 and linear_2 below `prefix`.
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        modules::detail::visit_layer(prefix + "linear_1", params_.linear_1, grads ? &grads->linear_1 : nullptr, f);
+        modules::detail::visit_layer(prefix + "linear_2", params_.linear_2, grads ? &grads->linear_2 : nullptr, f);
+    }
 
     /// features (N, in_channels) -> (N, time_embed_dim)
     tensor_type forward(context_t<B>& ctx, const tensor_type& features) const {
@@ -85,19 +94,21 @@ public:
         ops::unary_saved<B, T> act;
     };
 
-    /// forward() keeping what backward() needs (frozen weights).
-    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& features) const {
-        using modules::detail::frozen_forward;
-        auto [h, s1] = frozen_forward(ctx, params_.linear_1, features);
+    /// forward() keeping what backward() needs (frozen weights unless `trainable`).
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& features, bool trainable = false) const {
+        using modules::detail::layer_forward;
+        auto [h, s1] = layer_forward(ctx, params_.linear_1, features, trainable);
         auto [a, sa] = ops::unary_forward(ctx, unary_op::silu, h);
-        auto [y, s2] = frozen_forward(ctx, params_.linear_2, a);
+        auto [y, s2] = layer_forward(ctx, params_.linear_2, a, trainable);
         return {y, saved{std::move(s1), std::move(s2), std::move(sa)}};
     }
 
-    /// Gradient w.r.t. the features.
-    tensor_type backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
-        using modules::detail::frozen_backward;
-        return frozen_backward(ctx, s.linear_1, ops::unary_backward(ctx, s.act, frozen_backward(ctx, s.linear_2, grad_output)));
+    /// Gradient w.r.t. the features; weight gradients added into *pg when trainable.
+    tensor_type backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output, param_grads* pg = nullptr) const {
+        using modules::detail::layer_backward;
+        return layer_backward(ctx, s.linear_1,
+                              ops::unary_backward(ctx, s.act, layer_backward(ctx, s.linear_2, grad_output, pg ? &pg->linear_2 : nullptr)),
+                              pg ? &pg->linear_1 : nullptr);
     }
 
 private:

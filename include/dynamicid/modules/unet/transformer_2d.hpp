@@ -24,6 +24,14 @@
 //
 //     auto [y, saved] = t.forward_train(ctx, x, text, &hooks);
 //     auto g = t.backward(ctx, saved, grad_y);   // g.input (B, 320, H, W), g.text (B, 77, 768)
+//
+// Training the model's own weights too (the default attention's
+// projections included; a layer run by a processor leaves its slots alone):
+//
+//     auto [y, saved] = t.forward_train(ctx, x, text, &hooks, /*trainable=*/true);
+//     decltype(t)::param_grads pg;
+//     auto g = t.backward(ctx, saved, grad_y, &pg);
+//     t.for_each_parameter(&pg, "", [](const std::string& name, const auto& weight, const auto& grad) { ... });
 #pragma once
 
 #include <dynamicid/core/error.hpp>
@@ -65,6 +73,7 @@ public:
     struct params {
         linear_layer<B, T> proj, out;  ///< net.0.proj, net.2
     };
+    using param_grads = params;
 
     feed_forward() = default;
 
@@ -76,6 +85,13 @@ public:
     }
 
     const params& weights() const noexcept { return params_; }
+    const params& parameters() const noexcept { return params_; }
+
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        modules::detail::visit_layer(prefix + "net.0.proj", params_.proj, grads ? &grads->proj : nullptr, f);
+        modules::detail::visit_layer(prefix + "net.2", params_.out, grads ? &grads->out : nullptr, f);
+    }
 
     tensor_type forward(context_t<B>& ctx, const tensor_type& x) const {
         // diffusers' GEGLU chunks the projection into [hidden | gate], as ops::geglu expects.
@@ -87,18 +103,19 @@ public:
         ops::geglu_saved<B, T> geglu;
     };
 
-    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x) const {
-        using modules::detail::frozen_forward;
-        auto [p, sp] = frozen_forward(ctx, params_.proj, x);
+    std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x, bool trainable = false) const {
+        using modules::detail::layer_forward;
+        auto [p, sp] = layer_forward(ctx, params_.proj, x, trainable);
         auto [g, sg] = ops::geglu_forward(ctx, p);
-        auto [y, so] = frozen_forward(ctx, params_.out, g);
+        auto [y, so] = layer_forward(ctx, params_.out, g, trainable);
         return {y, saved{std::move(sp), std::move(so), std::move(sg)}};
     }
 
-    /// Gradient w.r.t. x.
-    tensor_type backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
-        using modules::detail::frozen_backward;
-        return frozen_backward(ctx, s.proj, ops::geglu_backward(ctx, s.geglu, frozen_backward(ctx, s.out, grad_output)));
+    /// Gradient w.r.t. x (weight gradients added into *pg when trainable).
+    tensor_type backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output, param_grads* pg = nullptr) const {
+        using modules::detail::layer_backward;
+        return layer_backward(ctx, s.proj, ops::geglu_backward(ctx, s.geglu, layer_backward(ctx, s.out, grad_output, pg ? &pg->out : nullptr)),
+                              pg ? &pg->proj : nullptr);
     }
 
 private:
@@ -129,6 +146,13 @@ public:
         layer_norm_layer<B, T> norm1, norm2, norm3;
         attention_type attn1, attn2;
         feed_forward<B, T> ff;
+    };
+    /// Gradients of the weights, shaped like params (the attention layers' and
+    /// the feed-forward's own params structs in place of the modules).
+    struct param_grads {
+        layer_norm_layer<B, T> norm1, norm2, norm3;
+        typename attention_type::params attn1, attn2;
+        typename feed_forward<B, T>::params ff;
     };
 
     /// Where this block's two attention layers sit in the processor order.
@@ -161,6 +185,22 @@ public:
     const config& settings() const noexcept { return config_; }
     const params& weights() const noexcept { return params_; }
     const layer_ids& layers() const noexcept { return ids_; }
+    /// The weights in the shape of param_grads (tensors share storage with the block's).
+    param_grads parameters() const {
+        return {params_.norm1, params_.norm2, params_.norm3, params_.attn1.weights(), params_.attn2.weights(), params_.ff.weights()};
+    }
+
+    /// f(name, weight, grad) for every weight, named by diffusers' keys below `prefix`.
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        using modules::detail::visit_layer;
+        visit_layer(prefix + "norm1", params_.norm1, grads ? &grads->norm1 : nullptr, f);
+        params_.attn1.for_each_parameter(grads ? &grads->attn1 : nullptr, prefix + "attn1.", f);
+        visit_layer(prefix + "norm2", params_.norm2, grads ? &grads->norm2 : nullptr, f);
+        params_.attn2.for_each_parameter(grads ? &grads->attn2 : nullptr, prefix + "attn2.", f);
+        visit_layer(prefix + "norm3", params_.norm3, grads ? &grads->norm3 : nullptr, f);
+        params_.ff.for_each_parameter(grads ? &grads->ff : nullptr, prefix + "ff.", f);
+    }
 
     /// tokens (B, height * width, dim), text (B, L, cross_attention_dim) -> (B, height * width, dim).
     tensor_type forward(context_t<B>& ctx, const tensor_type& tokens, const tensor_type& text, index_t height, index_t width,
@@ -188,17 +228,20 @@ public:
     };
 
     /// forward() keeping what backward() needs; layers with a training processor in `hooks` run it.
+    /// With `trainable` also what the block's own weight gradients need.
     std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& tokens, const tensor_type& text, index_t height,
-                                                index_t width, const attention_hooks<B, T>* hooks = nullptr) const {
-        using modules::detail::frozen_forward;
+                                                index_t width, const attention_hooks<B, T>* hooks = nullptr, bool trainable = false) const {
+        using modules::detail::layer_forward;
         saved s;
         auto h = tokens;
-        auto [n1, sn1] = frozen_forward(ctx, params_.norm1, h);
-        h = ops::add(ctx, run_train(ctx, params_.attn1, ids_.attn1, ids_.attn1_name, n1, nullptr, height, width, hooks, s.attn1), h);
-        auto [n2, sn2] = frozen_forward(ctx, params_.norm2, h);
-        h = ops::add(ctx, run_train(ctx, params_.attn2, ids_.attn2, ids_.attn2_name, n2, &text, height, width, hooks, s.attn2), h);
-        auto [n3, sn3] = frozen_forward(ctx, params_.norm3, h);
-        auto [f, sf] = params_.ff.forward_train(ctx, n3);
+        auto [n1, sn1] = layer_forward(ctx, params_.norm1, h, trainable);
+        h = ops::add(ctx, run_train(ctx, params_.attn1, ids_.attn1, ids_.attn1_name, n1, nullptr, height, width, hooks, s.attn1, trainable),
+                     h);
+        auto [n2, sn2] = layer_forward(ctx, params_.norm2, h, trainable);
+        h = ops::add(ctx, run_train(ctx, params_.attn2, ids_.attn2, ids_.attn2_name, n2, &text, height, width, hooks, s.attn2, trainable),
+                     h);
+        auto [n3, sn3] = layer_forward(ctx, params_.norm3, h, trainable);
+        auto [f, sf] = params_.ff.forward_train(ctx, n3, trainable);
         h = ops::add(ctx, f, h);
         s.norm1 = std::move(sn1);
         s.norm2 = std::move(sn2);
@@ -207,15 +250,20 @@ public:
         return {h, std::move(s)};
     }
 
-    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
-        using modules::detail::frozen_backward;
-        auto dh = ops::add(ctx, grad_output, frozen_backward(ctx, s.norm3, params_.ff.backward(ctx, s.ff, grad_output)));
+    /// Input gradients; when `pg` is not null and the forward was trainable,
+    /// the block's weight gradients are added into *pg.
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output, param_grads* pg = nullptr) const {
+        using modules::detail::layer_backward;
+        auto dh = ops::add(ctx, grad_output,
+                           layer_backward(ctx, s.norm3, params_.ff.backward(ctx, s.ff, grad_output, pg ? &pg->ff : nullptr),
+                                          pg ? &pg->norm3 : nullptr));
         grads out;
-        const auto d2 = attention_backward(ctx, params_.attn2, s.attn2, dh);
+        const auto d2 = attention_backward(ctx, params_.attn2, s.attn2, dh, pg ? &pg->attn2 : nullptr);
         out.text = d2.context;
-        dh = ops::add(ctx, dh, frozen_backward(ctx, s.norm2, d2.hidden_states));
-        const auto d1 = attention_backward(ctx, params_.attn1, s.attn1, dh);
-        out.input = ops::add(ctx, dh, frozen_backward(ctx, s.norm1, modules::detail::add_grads(ctx, d1.hidden_states, d1.context)));
+        dh = ops::add(ctx, dh, layer_backward(ctx, s.norm2, d2.hidden_states, pg ? &pg->norm2 : nullptr));
+        const auto d1 = attention_backward(ctx, params_.attn1, s.attn1, dh, pg ? &pg->attn1 : nullptr);
+        out.input = ops::add(ctx, dh, layer_backward(ctx, s.norm1, modules::detail::add_grads(ctx, d1.hidden_states, d1.context),
+                                                     pg ? &pg->norm1 : nullptr));
         return out;
     }
 
@@ -236,7 +284,7 @@ private:
 
     static tensor_type run_train(context_t<B>& ctx, const attention_type& attn, index_t layer, const std::string& name,
                                  const tensor_type& x, const tensor_type* text, index_t height, index_t width,
-                                 const attention_hooks<B, T>* hooks, attention_saved& s) {
+                                 const attention_hooks<B, T>* hooks, attention_saved& s, bool trainable) {
         const auto idx = static_cast<std::size_t>(layer);
         if (hooks && layer >= 0 && idx < hooks->training_processors.size() && hooks->training_processors[idx]) {
             const blocks::attention_call<B, T> call{attn, x, text, height, width, layer, name, hooks->step};
@@ -251,15 +299,15 @@ private:
         check<unsupported_error>(!(hooks && layer >= 0 && idx < hooks->processors.size() && hooks->processors[idx]),
                                  "transformer_block", "layer ", layer, " (", name,
                                  ") has an inference processor but no training processor: it cannot be differentiated");
-        auto [y, saved] = attn.forward_train(ctx, x, text);
+        auto [y, saved] = attn.forward_train(ctx, x, text, trainable);
         s.default_saved = std::move(saved);
         return y;
     }
 
     static blocks::attention_input_grads<B, T> attention_backward(context_t<B>& ctx, const attention_type& attn, const attention_saved& s,
-                                                                  const tensor_type& g) {
+                                                                  const tensor_type& g, typename attention_type::param_grads* pg) {
         if (s.processor.backward) return s.processor.backward(ctx, g);
-        auto d = attn.backward(ctx, s.default_saved, g);
+        auto d = attn.backward(ctx, s.default_saved, g, pg);
         return {d.input, d.context};
     }
 
@@ -295,6 +343,13 @@ public:
         linear_layer<B, T> proj_in_linear, proj_out_linear;  ///< with use_linear_projection
         conv2d_layer<B, T> proj_in_conv, proj_out_conv;      ///< 1x1 convolutions otherwise
         std::vector<block_type> transformer_blocks;
+    };
+    /// Gradients of the weights, shaped like params (each block's param_grads in place of the block).
+    struct param_grads {
+        group_norm_layer<B, T> norm;
+        linear_layer<B, T> proj_in_linear, proj_out_linear;
+        conv2d_layer<B, T> proj_in_conv, proj_out_conv;
+        std::vector<typename block_type::param_grads> transformer_blocks;
     };
 
     transformer_2d() = default;
@@ -332,6 +387,27 @@ public:
 
     const config& settings() const noexcept { return config_; }
     const params& weights() const noexcept { return params_; }
+    /// The weights in the shape of param_grads (tensors share storage with the model's).
+    param_grads parameters() const {
+        param_grads p{params_.norm, params_.proj_in_linear, params_.proj_out_linear, params_.proj_in_conv, params_.proj_out_conv, {}};
+        for (const auto& b : params_.transformer_blocks) p.transformer_blocks.push_back(b.parameters());
+        return p;
+    }
+
+    /// f(name, weight, grad) for every weight, named by diffusers' keys below `prefix`.
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        using modules::detail::visit_layer;
+        visit_layer(prefix + "norm", params_.norm, grads ? &grads->norm : nullptr, f);
+        visit_layer(prefix + "proj_in", params_.proj_in_linear, grads ? &grads->proj_in_linear : nullptr, f);
+        visit_layer(prefix + "proj_in", params_.proj_in_conv, grads ? &grads->proj_in_conv : nullptr, f);
+        for (std::size_t i = 0; i < params_.transformer_blocks.size(); ++i)
+            params_.transformer_blocks[i].for_each_parameter(modules::detail::entry_of(grads ? &grads->transformer_blocks : nullptr, i),
+                                                             prefix + "transformer_blocks." + std::to_string(i) + ".", f);
+        visit_layer(prefix + "proj_out", params_.proj_out_linear, grads ? &grads->proj_out_linear : nullptr, f);
+        visit_layer(prefix + "proj_out", params_.proj_out_conv, grads ? &grads->proj_out_conv : nullptr, f);
+    }
+
     /// Attention layers in this model (two per transformer block).
     index_t attention_layer_count() const noexcept { return 2 * config_.num_layers; }
 
@@ -372,10 +448,12 @@ public:
         tensor_type input, text;
     };
 
-    /// forward() keeping what backward() needs.
+    /// forward() keeping what backward() needs; with `trainable` also what the weight gradients need.
     std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, const tensor_type& x, const tensor_type& text,
-                                                const attention_hooks<B, T>* hooks = nullptr) const {
-        using modules::detail::frozen_forward;
+                                                const attention_hooks<B, T>* hooks = nullptr, bool trainable = false) const {
+        const auto fwd = [trainable](context_t<B>& cx, const auto& layer, const tensor_type& in) {
+            return modules::detail::layer_forward(cx, layer, in, trainable);
+        };
         const auto& c = config_;
         check<shape_error>(x.rank() == 4 && x.dim(1) == c.in_channels, "transformer_2d", "input ", x.shape().str(), " is not (B, ",
                            c.in_channels, ", H, W)");
@@ -385,55 +463,62 @@ public:
         s.batch = x.dim(0);
         s.height = x.dim(2);
         s.width = x.dim(3);
-        auto [normed, sn] = frozen_forward(ctx, params_.norm, x);
+        auto [normed, sn] = fwd(ctx, params_.norm, x);
         s.norm = std::move(sn);
         tensor_type tokens;
         if (c.use_linear_projection) {
-            auto [t, sp] = frozen_forward(ctx, params_.proj_in_linear, to_tokens(ctx, normed));
+            auto [t, sp] = fwd(ctx, params_.proj_in_linear, to_tokens(ctx, normed));
             tokens = t;
             s.proj_in_linear = std::move(sp);
         } else {
-            auto [t, sp] = frozen_forward(ctx, params_.proj_in_conv, normed);
+            auto [t, sp] = fwd(ctx, params_.proj_in_conv, normed);
             tokens = to_tokens(ctx, t);
             s.proj_in_conv = std::move(sp);
         }
         for (const auto& block : params_.transformer_blocks) {
-            auto [t, sb] = block.forward_train(ctx, tokens, text, s.height, s.width, hooks);
+            auto [t, sb] = block.forward_train(ctx, tokens, text, s.height, s.width, hooks, trainable);
             tokens = t;
             s.blocks.push_back(std::move(sb));
         }
         tensor_type out;
         if (c.use_linear_projection) {
-            auto [y, sp] = frozen_forward(ctx, params_.proj_out_linear, tokens);
+            auto [y, sp] = fwd(ctx, params_.proj_out_linear, tokens);
             out = to_image(ctx, y, s.batch, s.height, s.width);
             s.proj_out_linear = std::move(sp);
         } else {
-            auto [y, sp] = frozen_forward(ctx, params_.proj_out_conv, to_image(ctx, tokens, s.batch, s.height, s.width));
+            auto [y, sp] = fwd(ctx, params_.proj_out_conv, to_image(ctx, tokens, s.batch, s.height, s.width));
             out = y;
             s.proj_out_conv = std::move(sp);
         }
         return {ops::add(ctx, out, x), std::move(s)};
     }
 
-    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
-        using modules::detail::frozen_backward;
+    /// Input gradients; when `pg` is not null and the forward was trainable,
+    /// the model's weight gradients are added into *pg.
+    grads backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output, param_grads* pg = nullptr) const {
+        using modules::detail::layer_backward;
         check<shape_error>(grad_output.shape() == shape{s.batch, config_.in_channels, s.height, s.width}, "transformer_2d", "gradient ",
                            grad_output.shape().str(), " does not match the forward");
         tensor_type d_tokens;
-        if (config_.use_linear_projection) d_tokens = frozen_backward(ctx, s.proj_out_linear, to_tokens(ctx, grad_output));
-        else d_tokens = to_tokens(ctx, frozen_backward(ctx, s.proj_out_conv, grad_output));
+        if (config_.use_linear_projection)
+            d_tokens = layer_backward(ctx, s.proj_out_linear, to_tokens(ctx, grad_output), pg ? &pg->proj_out_linear : nullptr);
+        else
+            d_tokens = to_tokens(ctx, layer_backward(ctx, s.proj_out_conv, grad_output, pg ? &pg->proj_out_conv : nullptr));
         grads out;
         for (std::size_t i = s.blocks.size(); i-- > 0;) {
-            auto d = params_.transformer_blocks[i].backward(ctx, s.blocks[i], d_tokens);
+            auto d = params_.transformer_blocks[i].backward(
+                ctx, s.blocks[i], d_tokens, modules::detail::slot_of(pg ? &pg->transformer_blocks : nullptr, i, s.blocks.size()));
             d_tokens = d.input;
             out.text = modules::detail::add_grads(ctx, out.text, d.text);
         }
         tensor_type d_normed;
         if (config_.use_linear_projection)
-            d_normed = to_image(ctx, frozen_backward(ctx, s.proj_in_linear, d_tokens), s.batch, s.height, s.width);
+            d_normed = to_image(ctx, layer_backward(ctx, s.proj_in_linear, d_tokens, pg ? &pg->proj_in_linear : nullptr), s.batch, s.height,
+                                s.width);
         else
-            d_normed = frozen_backward(ctx, s.proj_in_conv, to_image(ctx, d_tokens, s.batch, s.height, s.width));
-        out.input = ops::add(ctx, frozen_backward(ctx, s.norm, d_normed), grad_output);
+            d_normed = layer_backward(ctx, s.proj_in_conv, to_image(ctx, d_tokens, s.batch, s.height, s.width),
+                                      pg ? &pg->proj_in_conv : nullptr);
+        out.input = ops::add(ctx, layer_backward(ctx, s.norm, d_normed, pg ? &pg->norm : nullptr), grad_output);
         return out;
     }
 

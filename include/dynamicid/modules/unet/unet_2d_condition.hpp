@@ -40,6 +40,18 @@
 //     auto x = tp.leaf(latents), c = tp.leaf(states);
 //     auto eps = unet.forward_train(ctx, tp, x, timesteps, c, &hooks, {.checkpoint_blocks = true});
 //     tp.backward(ctx, eps, grad_eps);   // tp.gradient(x), tp.gradient(c)
+//
+// Training the UNet's own weights (a base model from scratch): pass a
+// param_grads; forward_train then keeps what the weight gradients need and
+// tp.backward() adds them into it (undefined entries count as zeros, so
+// several backwards accumulate). for_each_parameter pairs every weight with
+// its gradient under diffusers' state-dict key; the weights share storage
+// with the model, so an optimizer updates the model in place.
+//
+//     typename decltype(unet)::param_grads grads;
+//     auto eps = unet.forward_train(ctx, tp, x, timesteps, c, nullptr, {}, &grads);
+//     tp.backward(ctx, eps, grad_eps);
+//     unet.for_each_parameter(&grads, [&](const std::string& key, const auto& weight, const auto& grad) { ... });
 #pragma once
 
 #include <dynamicid/modules/detail/config_reader.hpp>
@@ -185,6 +197,19 @@ public:
     using tensor_type = tensor<B, T>;
     using hooks_type = attention_hooks<B, T>;
 
+    /// The UNet's weights (or their gradients) as a tree mirroring its modules
+    /// (diffusers' conv_in, time_embedding, down_blocks.<i>, mid_block,
+    /// up_blocks.<i>, conv_norm_out, conv_out).
+    struct param_grads {
+        conv2d_layer<B, T> conv_in;
+        typename timestep_embedding<B, T>::param_grads time_embedding;
+        std::vector<typename down_block<B, T>::param_grads> down_blocks;
+        typename unet::mid_block<B, T>::param_grads mid_block;
+        std::vector<typename up_block<B, T>::param_grads> up_blocks;
+        group_norm_layer<B, T> conv_norm_out;
+        conv2d_layer<B, T> conv_out;
+    };
+
     unet_2d_condition() = default;
 
     /// Binds every weight below the binder's prefix; problems are collected in the binder.
@@ -244,6 +269,32 @@ public:
 
     const config& settings() const noexcept { return config_; }
 
+    /// The weights in the shape of param_grads (tensors share storage with the model's).
+    param_grads parameters() const {
+        param_grads p{conv_in_, time_embedding_.parameters(), {}, mid_block_.parameters(), {}, conv_norm_out_, conv_out_};
+        for (const auto& d : down_blocks_) p.down_blocks.push_back(d.parameters());
+        for (const auto& u : up_blocks_) p.up_blocks.push_back(u.parameters());
+        return p;
+    }
+
+    /// Calls f(key, weight, grad) for every weight of the UNet, keyed as in
+    /// diffusers' state dict ("down_blocks.0.resnets.0.conv1.weight", ...);
+    /// grad is undefined where `grads` (may be null) holds none.
+    template <class F>
+    void for_each_parameter(const param_grads* grads, F&& f) const {
+        using modules::detail::entry_of;
+        using modules::detail::visit_layer;
+        visit_layer("conv_in", conv_in_, grads ? &grads->conv_in : nullptr, f);
+        time_embedding_.for_each_parameter(grads ? &grads->time_embedding : nullptr, "time_embedding.", f);
+        for (std::size_t i = 0; i < down_blocks_.size(); ++i)
+            down_blocks_[i].for_each_parameter(entry_of(grads ? &grads->down_blocks : nullptr, i), "down_blocks." + std::to_string(i) + ".", f);
+        for (std::size_t i = 0; i < up_blocks_.size(); ++i)
+            up_blocks_[i].for_each_parameter(entry_of(grads ? &grads->up_blocks : nullptr, i), "up_blocks." + std::to_string(i) + ".", f);
+        mid_block_.for_each_parameter(grads ? &grads->mid_block : nullptr, "mid_block.", f);
+        visit_layer("conv_norm_out", conv_norm_out_, grads ? &grads->conv_norm_out : nullptr, f);
+        visit_layer("conv_out", conv_out_, grads ? &grads->conv_out : nullptr, f);
+    }
+
     /// diffusers attn_processors keys, indexed like attention_hooks::processors.
     const std::vector<std::string>& attention_layer_names() const noexcept { return layer_names_; }
 
@@ -279,25 +330,50 @@ public:
 
     /// forward() recorded on `tp`; returns the output variable. The model and
     /// `hooks` must outlive tp.backward(). Gradients reach `sample` and `text`
-    /// (read them with tp.gradient); timesteps are not differentiated.
+    /// (read them with tp.gradient); timesteps are not differentiated. With
+    /// `grads` (which must outlive tp.backward()) the UNet's own weights are
+    /// differentiated too and their gradients added into *grads; attention
+    /// layers run by a processor leave their slots untouched.
     training::variable<B, T> forward_train(context_t<B>& ctx, training::tape<B, T>& tp, const training::variable<B, T>& sample,
                                            std::span<const float> timesteps, const training::variable<B, T>& text,
-                                           const hooks_type* hooks = nullptr, unet_training_options options = {}) const {
-        using modules::detail::frozen_backward;
-        using modules::detail::frozen_forward;
+                                           const hooks_type* hooks = nullptr, unet_training_options options = {},
+                                           param_grads* grads = nullptr) const {
+        using modules::detail::layer_backward;
+        using modules::detail::layer_forward;
         using variable = training::variable<B, T>;
         using pause = typename training::parameter_gradients<B, T>::pause_guard;
         const auto& c = config_;
         check_inputs(sample.value, timesteps, text.value);
+        const bool trainable = grads != nullptr;
+        if (grads) {
+            // Sized once here: the recorded entries keep pointers into these vectors.
+            grads->down_blocks.resize(down_blocks_.size());
+            grads->up_blocks.resize(up_blocks_.size());
+        }
         const auto features = timestep_features<B, T>(ctx, timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
-        const auto temb = time_embedding_.forward(ctx, features);  // depends on the timesteps only: a constant here
+        tensor_type temb;
+        variable temb_var;  // on the tape only when the time embedding is trained
+        if (trainable) {
+            auto [e, s_emb] = time_embedding_.forward_train(ctx, features, true);
+            temb = e;
+            temb_var = tp.output(e);
+            tp.record("time_embedding", [this, s_emb, temb_var, grads](context_t<B>& cx, training::tape<B, T>& t) {
+                const auto g = t.take(temb_var);
+                if (g.defined()) time_embedding_.backward(cx, s_emb, g, &grads->time_embedding);
+            });
+        } else {
+            temb = time_embedding_.forward(ctx, features);  // depends on the timesteps only: a constant here
+        }
+        const auto add_temb = [trainable, temb_var](context_t<B>& cx, training::tape<B, T>& t, const tensor_type& g) {
+            if (trainable) t.add_gradient(cx, temb_var, g);
+        };
         auto* board = tp.parameters();
         const bool ckpt = options.checkpoint_blocks;
 
-        auto [h0, s_in] = frozen_forward(ctx, conv_in_, sample.value);
+        auto [h0, s_in] = layer_forward(ctx, conv_in_, sample.value, trainable);
         variable h = tp.output(h0);
-        tp.record("conv_in", [s_in, sample, h](context_t<B>& cx, training::tape<B, T>& t) {
-            t.add_gradient(cx, sample, frozen_backward(cx, s_in, t.take(h)));
+        tp.record("conv_in", [s_in, sample, h, grads](context_t<B>& cx, training::tape<B, T>& t) {
+            t.add_gradient(cx, sample, layer_backward(cx, s_in, t.take(h), grads ? &grads->conv_in : nullptr));
         });
         std::vector<variable> skips{h};
 
@@ -309,28 +385,31 @@ public:
             if (ckpt) {
                 block.forward_train(ctx, in.value, temb, text.value, pushed, hooks);
             } else {
-                auto r = block.forward_train(ctx, in.value, temb, text.value, pushed, hooks);
+                auto r = block.forward_train(ctx, in.value, temb, text.value, pushed, hooks, trainable);
                 saved_state = std::move(r.second);
             }
+            auto* pg = grads ? &grads->down_blocks[bi] : nullptr;
             std::vector<variable> outs;
             for (auto& p : pushed) outs.push_back(tp.output(std::move(p)));
             skips.insert(skips.end(), outs.begin(), outs.end());
             h = outs.back();
             tp.record("down_blocks." + std::to_string(bi),
-                      [&block, in, outs, text, temb, hooks, board, ckpt, s = std::move(saved_state)](context_t<B>& cx, training::tape<B, T>& t) {
+                      [&block, in, outs, text, temb, hooks, board, ckpt, pg, add_temb, s = std::move(saved_state)](context_t<B>& cx,
+                                                                                                                   training::tape<B, T>& t) {
                           std::vector<tensor_type> g;
                           for (const auto& o : outs) g.push_back(t.take(o));
                           unet_block_grads<B, T> d;
                           if (ckpt) {
                               const pause guard(board);
                               std::vector<tensor_type> scratch;
-                              auto r = block.forward_train(cx, in.value, temb, text.value, scratch, hooks);
-                              d = block.backward(cx, r.second, g);
+                              auto r = block.forward_train(cx, in.value, temb, text.value, scratch, hooks, pg != nullptr);
+                              d = block.backward(cx, r.second, g, pg);
                           } else {
-                              d = block.backward(cx, s, g);
+                              d = block.backward(cx, s, g, pg);
                           }
                           t.add_gradient(cx, in, d.input);
                           t.add_gradient(cx, text, d.text);
+                          add_temb(cx, t, d.temb);
                       });
         }
 
@@ -341,24 +420,26 @@ public:
             if (ckpt) {
                 y = mid_block_.forward_train(ctx, in.value, temb, text.value, hooks).first;
             } else {
-                auto r = mid_block_.forward_train(ctx, in.value, temb, text.value, hooks);
+                auto r = mid_block_.forward_train(ctx, in.value, temb, text.value, hooks, trainable);
                 y = r.first;
                 saved_state = std::move(r.second);
             }
             h = tp.output(y);
-            tp.record("mid_block", [this, in, out = h, text, temb, hooks, board, ckpt, s = std::move(saved_state)](context_t<B>& cx,
-                                                                                                                 training::tape<B, T>& t) {
+            auto* pg = grads ? &grads->mid_block : nullptr;
+            tp.record("mid_block", [this, in, out = h, text, temb, hooks, board, ckpt, pg, add_temb, s = std::move(saved_state)](
+                                       context_t<B>& cx, training::tape<B, T>& t) {
                 const auto g = t.take(out);
                 unet_block_grads<B, T> d;
                 if (ckpt) {
                     const pause guard(board);
-                    auto r = mid_block_.forward_train(cx, in.value, temb, text.value, hooks);
-                    d = mid_block_.backward(cx, r.second, g);
+                    auto r = mid_block_.forward_train(cx, in.value, temb, text.value, hooks, pg != nullptr);
+                    d = mid_block_.backward(cx, r.second, g, pg);
                 } else {
-                    d = mid_block_.backward(cx, s, g);
+                    d = mid_block_.backward(cx, s, g, pg);
                 }
                 t.add_gradient(cx, in, d.input);
                 t.add_gradient(cx, text, d.text);
+                add_temb(cx, t, d.temb);
             });
         }
 
@@ -381,35 +462,38 @@ public:
             if (ckpt) {
                 y = block.forward_train(ctx, in.value, temb, text.value, stack, hooks).first;
             } else {
-                auto r = block.forward_train(ctx, in.value, temb, text.value, stack, hooks);
+                auto r = block.forward_train(ctx, in.value, temb, text.value, stack, hooks, trainable);
                 y = r.first;
                 saved_state = std::move(r.second);
             }
             h = tp.output(y);
-            tp.record("up_blocks." + std::to_string(bi), [&block, in, out = h, popped, text, temb, hooks, board, ckpt, stack_of,
+            auto* pg = grads ? &grads->up_blocks[bi] : nullptr;
+            tp.record("up_blocks." + std::to_string(bi), [&block, in, out = h, popped, text, temb, hooks, board, ckpt, stack_of, pg, add_temb,
                                                           s = std::move(saved_state)](context_t<B>& cx, training::tape<B, T>& t) {
                 const auto g = t.take(out);
                 unet_block_grads<B, T> d;
                 if (ckpt) {
                     const pause guard(board);
                     auto st = stack_of(popped);
-                    auto r = block.forward_train(cx, in.value, temb, text.value, st, hooks);
-                    d = block.backward(cx, r.second, g);
+                    auto r = block.forward_train(cx, in.value, temb, text.value, st, hooks, pg != nullptr);
+                    d = block.backward(cx, r.second, g, pg);
                 } else {
-                    d = block.backward(cx, s, g);
+                    d = block.backward(cx, s, g, pg);
                 }
                 t.add_gradient(cx, in, d.input);
                 t.add_gradient(cx, text, d.text);
+                add_temb(cx, t, d.temb);
                 for (std::size_t k = 0; k < popped.size(); ++k) t.add_gradient(cx, popped[k], d.skips[k]);
             });
         }
 
-        auto [n_out, s_norm] = frozen_forward(ctx, conv_norm_out_, h.value);
+        auto [n_out, s_norm] = layer_forward(ctx, conv_norm_out_, h.value, trainable);
         auto [a_out, s_act] = ops::unary_forward(ctx, unary_op::silu, n_out);
-        auto [y, s_conv] = frozen_forward(ctx, conv_out_, a_out);
+        auto [y, s_conv] = layer_forward(ctx, conv_out_, a_out, trainable);
         auto out = tp.output(y);
-        tp.record("conv_out", [in = h, out, s_norm, s_act, s_conv](context_t<B>& cx, training::tape<B, T>& t) {
-            t.add_gradient(cx, in, frozen_backward(cx, s_norm, ops::unary_backward(cx, s_act, frozen_backward(cx, s_conv, t.take(out)))));
+        tp.record("conv_out", [in = h, out, s_norm, s_act, s_conv, grads](context_t<B>& cx, training::tape<B, T>& t) {
+            const auto d_act = layer_backward(cx, s_conv, t.take(out), grads ? &grads->conv_out : nullptr);
+            t.add_gradient(cx, in, layer_backward(cx, s_norm, ops::unary_backward(cx, s_act, d_act), grads ? &grads->conv_norm_out : nullptr));
         });
         return out;
     }

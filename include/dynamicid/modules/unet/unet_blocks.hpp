@@ -25,6 +25,10 @@
 //
 //     auto [h2, saved] = down.forward_train(ctx, h, temb, text, skips);
 //     auto g = down.backward(ctx, saved, grads_of_pushed);   // g.input, g.temb, g.text
+//
+// Training the blocks' own weights too: forward_train(..., trainable = true)
+// and backward(..., &pg) with a params-shaped `param_grads` (gradients add
+// into it); for_each_parameter pairs each weight with its gradient by name.
 #pragma once
 
 #include <dynamicid/core/error.hpp>
@@ -99,12 +103,22 @@ struct downsample_2d {
     }
     tensor<B, T> forward(context_t<B>& ctx, const tensor<B, T>& x) const { return conv(ctx, x); }
 
-    using saved = ops::conv2d_saved<B, T>;
-    std::pair<tensor<B, T>, saved> forward_train(context_t<B>& ctx, const tensor<B, T>& x) const {
-        return modules::detail::frozen_forward(ctx, conv, x);
+    /// Gradient of the convolution's weights.
+    struct param_grads {
+        conv2d_layer<B, T> conv;
+    };
+    param_grads parameters() const { return {conv}; }
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        modules::detail::visit_layer(prefix + "conv", conv, grads ? &grads->conv : nullptr, f);
     }
-    tensor<B, T> backward(context_t<B>& ctx, const saved& s, const tensor<B, T>& grad_output) const {
-        return modules::detail::frozen_backward(ctx, s, grad_output);
+
+    using saved = ops::conv2d_saved<B, T>;
+    std::pair<tensor<B, T>, saved> forward_train(context_t<B>& ctx, const tensor<B, T>& x, bool trainable = false) const {
+        return modules::detail::layer_forward(ctx, conv, x, trainable);
+    }
+    tensor<B, T> backward(context_t<B>& ctx, const saved& s, const tensor<B, T>& grad_output, param_grads* pg = nullptr) const {
+        return modules::detail::layer_backward(ctx, s, grad_output, pg ? &pg->conv : nullptr);
     }
 };
 
@@ -119,17 +133,28 @@ struct upsample_2d {
     }
     tensor<B, T> forward(context_t<B>& ctx, const tensor<B, T>& x) const { return conv(ctx, ops::upsample_nearest(ctx, x, 2)); }
 
+    /// Gradient of the convolution's weights.
+    struct param_grads {
+        conv2d_layer<B, T> conv;
+    };
+    param_grads parameters() const { return {conv}; }
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        modules::detail::visit_layer(prefix + "conv", conv, grads ? &grads->conv : nullptr, f);
+    }
+
     struct saved {
         ops::upsample_saved<B, T> upsample;
         ops::conv2d_saved<B, T> conv;
     };
-    std::pair<tensor<B, T>, saved> forward_train(context_t<B>& ctx, const tensor<B, T>& x) const {
+    std::pair<tensor<B, T>, saved> forward_train(context_t<B>& ctx, const tensor<B, T>& x, bool trainable = false) const {
         auto [u, su] = ops::upsample_nearest_forward(ctx, x, 2);
-        auto [y, sc] = modules::detail::frozen_forward(ctx, conv, u);
+        auto [y, sc] = modules::detail::layer_forward(ctx, conv, u, trainable);
         return {y, saved{su, std::move(sc)}};
     }
-    tensor<B, T> backward(context_t<B>& ctx, const saved& s, const tensor<B, T>& grad_output) const {
-        return ops::upsample_nearest_backward(ctx, s.upsample, modules::detail::frozen_backward(ctx, s.conv, grad_output));
+    tensor<B, T> backward(context_t<B>& ctx, const saved& s, const tensor<B, T>& grad_output, param_grads* pg = nullptr) const {
+        return ops::upsample_nearest_backward(ctx, s.upsample,
+                                              modules::detail::layer_backward(ctx, s.conv, grad_output, pg ? &pg->conv : nullptr));
     }
 };
 
@@ -163,6 +188,34 @@ public:
     const config& settings() const noexcept { return config_; }
     const std::vector<transformer_2d<B, T>>& transformers() const noexcept { return attentions_; }
 
+    /// Gradients of the weights, shaped like the block's modules (diffusers'
+    /// resnets.<i>, attentions.<i>, downsamplers.0).
+    struct param_grads {
+        std::vector<typename blocks::resnet_block<B, T>::param_grads> resnets;
+        std::vector<typename transformer_2d<B, T>::param_grads> attentions;
+        typename downsample_2d<B, T>::param_grads downsampler;
+    };
+    /// The weights in the shape of param_grads (tensors share storage with the block's).
+    param_grads parameters() const {
+        param_grads p;
+        for (const auto& r : resnets_) p.resnets.push_back(r.parameters());
+        for (const auto& a : attentions_) p.attentions.push_back(a.parameters());
+        if (config_.add_downsample) p.downsampler = downsampler_.parameters();
+        return p;
+    }
+    /// f(name, weight, grad) for every weight, named by diffusers' keys below `prefix`.
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        using modules::detail::entry_of;
+        for (std::size_t i = 0; i < resnets_.size(); ++i) {
+            resnets_[i].for_each_parameter(entry_of(grads ? &grads->resnets : nullptr, i), prefix + "resnets." + std::to_string(i) + ".", f);
+            if (config_.has_cross_attention)
+                attentions_[i].for_each_parameter(entry_of(grads ? &grads->attentions : nullptr, i),
+                                                  prefix + "attentions." + std::to_string(i) + ".", f);
+        }
+        if (config_.add_downsample) downsampler_.for_each_parameter(grads ? &grads->downsampler : nullptr, prefix + "downsamplers.0.", f);
+    }
+
     /// Appends this block's outputs to `skips` (diffusers' res_samples) and returns the last.
     tensor_type forward(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text, std::vector<tensor_type>& skips,
                         const attention_hooks<B, T>* hooks = nullptr) const {
@@ -185,16 +238,17 @@ public:
         std::vector<shape> pushed;  ///< shapes of the pushed outputs
     };
 
-    /// forward() keeping what backward() needs.
+    /// forward() keeping what backward() needs; with `trainable` also what the weight gradients need.
     std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text,
-                                                std::vector<tensor_type>& skips, const attention_hooks<B, T>* hooks = nullptr) const {
+                                                std::vector<tensor_type>& skips, const attention_hooks<B, T>* hooks = nullptr,
+                                                bool trainable = false) const {
         saved s;
         for (std::size_t i = 0; i < resnets_.size(); ++i) {
-            auto [r, sr] = resnets_[i].forward_train(ctx, h, &temb);
+            auto [r, sr] = resnets_[i].forward_train(ctx, h, &temb, trainable);
             h = r;
             s.resnets.push_back(std::move(sr));
             if (config_.has_cross_attention) {
-                auto [t, st] = attentions_[i].forward_train(ctx, h, text, hooks);
+                auto [t, st] = attentions_[i].forward_train(ctx, h, text, hooks, trainable);
                 h = t;
                 s.attentions.push_back(std::move(st));
             }
@@ -202,7 +256,7 @@ public:
             s.pushed.push_back(h.shape());
         }
         if (config_.add_downsample) {
-            auto [d, sd] = downsampler_.forward_train(ctx, h);
+            auto [d, sd] = downsampler_.forward_train(ctx, h, trainable);
             h = d;
             s.downsampler = std::move(sd);
             skips.push_back(h);
@@ -212,27 +266,31 @@ public:
     }
 
     /// `grad_pushed[j]`: gradient of the j-th tensor this block pushed
-    /// (undefined: zero); the last one includes the output's gradient.
-    unet_block_grads<B, T> backward(context_t<B>& ctx, const saved& s, const std::vector<tensor_type>& grad_pushed) const {
+    /// (undefined: zero); the last one includes the output's gradient. Weight
+    /// gradients are added into *pg when it is not null and the forward was trainable.
+    unet_block_grads<B, T> backward(context_t<B>& ctx, const saved& s, const std::vector<tensor_type>& grad_pushed,
+                                    param_grads* pg = nullptr) const {
         using modules::detail::add_grads;
+        using modules::detail::slot_of;
         check<shape_error>(grad_pushed.size() == s.pushed.size(), "unet", "down block backward got ", grad_pushed.size(),
                            " gradients for ", s.pushed.size(), " outputs");
         std::size_t j = grad_pushed.size();
         tensor_type d;
         if (config_.add_downsample) {
             --j;
-            d = downsampler_.backward(ctx, s.downsampler, modules::detail::grad_or_zeros(ctx, grad_pushed[j], s.pushed[j]));
+            d = downsampler_.backward(ctx, s.downsampler, modules::detail::grad_or_zeros(ctx, grad_pushed[j], s.pushed[j]),
+                                      pg ? &pg->downsampler : nullptr);
         }
         unet_block_grads<B, T> out;
         for (std::size_t i = resnets_.size(); i-- > 0;) {
             --j;
             d = modules::detail::grad_or_zeros(ctx, add_grads(ctx, d, grad_pushed[j]), s.pushed[j]);
             if (config_.has_cross_attention) {
-                auto g = attentions_[i].backward(ctx, s.attentions[i], d);
+                auto g = attentions_[i].backward(ctx, s.attentions[i], d, slot_of(pg ? &pg->attentions : nullptr, i, attentions_.size()));
                 d = g.input;
                 out.text = add_grads(ctx, out.text, g.text);
             }
-            auto g = resnets_[i].backward(ctx, s.resnets[i], d);
+            auto g = resnets_[i].backward(ctx, s.resnets[i], d, slot_of(pg ? &pg->resnets : nullptr, i, resnets_.size()));
             d = g.input;
             out.temb = add_grads(ctx, out.temb, g.temb);
         }
@@ -275,6 +333,27 @@ public:
     const config& settings() const noexcept { return config_; }
     const std::vector<transformer_2d<B, T>>& transformers() const noexcept { return attentions_; }
 
+    /// Gradients of the weights, shaped like the block's modules (resnets.<i>, attentions.<i>).
+    struct param_grads {
+        std::vector<typename blocks::resnet_block<B, T>::param_grads> resnets;
+        std::vector<typename transformer_2d<B, T>::param_grads> attentions;
+    };
+    param_grads parameters() const {
+        param_grads p;
+        for (const auto& r : resnets_) p.resnets.push_back(r.parameters());
+        for (const auto& a : attentions_) p.attentions.push_back(a.parameters());
+        return p;
+    }
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        using modules::detail::entry_of;
+        for (std::size_t i = 0; i < attentions_.size(); ++i)
+            attentions_[i].for_each_parameter(entry_of(grads ? &grads->attentions : nullptr, i), prefix + "attentions." + std::to_string(i) + ".",
+                                              f);
+        for (std::size_t i = 0; i < resnets_.size(); ++i)
+            resnets_[i].for_each_parameter(entry_of(grads ? &grads->resnets : nullptr, i), prefix + "resnets." + std::to_string(i) + ".", f);
+    }
+
     tensor_type forward(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text,
                         const attention_hooks<B, T>* hooks = nullptr) const {
         h = resnets_[0].forward(ctx, h, &temb);
@@ -291,33 +370,34 @@ public:
     };
 
     std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text,
-                                                const attention_hooks<B, T>* hooks = nullptr) const {
+                                                const attention_hooks<B, T>* hooks = nullptr, bool trainable = false) const {
         saved s;
-        auto [r0, s0] = resnets_[0].forward_train(ctx, h, &temb);
+        auto [r0, s0] = resnets_[0].forward_train(ctx, h, &temb, trainable);
         h = r0;
         s.resnets.push_back(std::move(s0));
         for (std::size_t i = 0; i < attentions_.size(); ++i) {
-            auto [t, st] = attentions_[i].forward_train(ctx, h, text, hooks);
+            auto [t, st] = attentions_[i].forward_train(ctx, h, text, hooks, trainable);
             s.attentions.push_back(std::move(st));
-            auto [r, sr] = resnets_[i + 1].forward_train(ctx, t, &temb);
+            auto [r, sr] = resnets_[i + 1].forward_train(ctx, t, &temb, trainable);
             h = r;
             s.resnets.push_back(std::move(sr));
         }
         return {h, std::move(s)};
     }
 
-    unet_block_grads<B, T> backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+    unet_block_grads<B, T> backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output, param_grads* pg = nullptr) const {
         using modules::detail::add_grads;
+        using modules::detail::slot_of;
         unet_block_grads<B, T> out;
         auto d = grad_output;
         for (std::size_t i = attentions_.size(); i-- > 0;) {
-            auto gr = resnets_[i + 1].backward(ctx, s.resnets[i + 1], d);
+            auto gr = resnets_[i + 1].backward(ctx, s.resnets[i + 1], d, slot_of(pg ? &pg->resnets : nullptr, i + 1, resnets_.size()));
             out.temb = add_grads(ctx, out.temb, gr.temb);
-            auto gt = attentions_[i].backward(ctx, s.attentions[i], gr.input);
+            auto gt = attentions_[i].backward(ctx, s.attentions[i], gr.input, slot_of(pg ? &pg->attentions : nullptr, i, attentions_.size()));
             out.text = add_grads(ctx, out.text, gt.text);
             d = gt.input;
         }
-        auto g0 = resnets_[0].backward(ctx, s.resnets[0], d);
+        auto g0 = resnets_[0].backward(ctx, s.resnets[0], d, slot_of(pg ? &pg->resnets : nullptr, 0, resnets_.size()));
         out.temb = add_grads(ctx, out.temb, g0.temb);
         out.input = g0.input;
         return out;
@@ -363,6 +443,31 @@ public:
     const config& settings() const noexcept { return config_; }
     const std::vector<transformer_2d<B, T>>& transformers() const noexcept { return attentions_; }
 
+    /// Gradients of the weights, shaped like the block's modules (resnets.<i>, attentions.<i>, upsamplers.0).
+    struct param_grads {
+        std::vector<typename blocks::resnet_block<B, T>::param_grads> resnets;
+        std::vector<typename transformer_2d<B, T>::param_grads> attentions;
+        typename upsample_2d<B, T>::param_grads upsampler;
+    };
+    param_grads parameters() const {
+        param_grads p;
+        for (const auto& r : resnets_) p.resnets.push_back(r.parameters());
+        for (const auto& a : attentions_) p.attentions.push_back(a.parameters());
+        if (config_.add_upsample) p.upsampler = upsampler_.parameters();
+        return p;
+    }
+    template <class F>
+    void for_each_parameter(const param_grads* grads, const std::string& prefix, F&& f) const {
+        using modules::detail::entry_of;
+        for (std::size_t i = 0; i < resnets_.size(); ++i) {
+            resnets_[i].for_each_parameter(entry_of(grads ? &grads->resnets : nullptr, i), prefix + "resnets." + std::to_string(i) + ".", f);
+            if (config_.has_cross_attention)
+                attentions_[i].for_each_parameter(entry_of(grads ? &grads->attentions : nullptr, i),
+                                                  prefix + "attentions." + std::to_string(i) + ".", f);
+        }
+        if (config_.add_upsample) upsampler_.for_each_parameter(grads ? &grads->upsampler : nullptr, prefix + "upsamplers.0.", f);
+    }
+
     /// Consumes num_layers skips from the end of `skips`.
     tensor_type forward(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text, std::vector<tensor_type>& skips,
                         const attention_hooks<B, T>* hooks = nullptr) const {
@@ -387,7 +492,8 @@ public:
     };
 
     std::pair<tensor_type, saved> forward_train(context_t<B>& ctx, tensor_type h, const tensor_type& temb, const tensor_type& text,
-                                                std::vector<tensor_type>& skips, const attention_hooks<B, T>* hooks = nullptr) const {
+                                                std::vector<tensor_type>& skips, const attention_hooks<B, T>* hooks = nullptr,
+                                                bool trainable = false) const {
         saved s;
         for (std::size_t i = 0; i < resnets_.size(); ++i) {
             check<shape_error>(!skips.empty(), "unet", "up block ran out of skip connections");
@@ -396,17 +502,17 @@ public:
             check<shape_error>(skip.dim(2) == h.dim(2) && skip.dim(3) == h.dim(3), "unet", "skip connection ", skip.shape().str(),
                                " does not match ", h.shape().str(), " (latent sizes must be multiples of 2^(levels - 1))");
             s.split.emplace_back(h.dim(1), skip.dim(1));
-            auto [r, sr] = resnets_[i].forward_train(ctx, ops::concat(ctx, std::vector<tensor_type>{h, skip}, 1), &temb);
+            auto [r, sr] = resnets_[i].forward_train(ctx, ops::concat(ctx, std::vector<tensor_type>{h, skip}, 1), &temb, trainable);
             h = r;
             s.resnets.push_back(std::move(sr));
             if (config_.has_cross_attention) {
-                auto [t, st] = attentions_[i].forward_train(ctx, h, text, hooks);
+                auto [t, st] = attentions_[i].forward_train(ctx, h, text, hooks, trainable);
                 h = t;
                 s.attentions.push_back(std::move(st));
             }
         }
         if (config_.add_upsample) {
-            auto [u, su] = upsampler_.forward_train(ctx, h);
+            auto [u, su] = upsampler_.forward_train(ctx, h, trainable);
             h = u;
             s.upsampler = std::move(su);
         }
@@ -414,18 +520,19 @@ public:
     }
 
     /// Returns the gradients of the popped skips in `skips`, in pop order.
-    unet_block_grads<B, T> backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output) const {
+    unet_block_grads<B, T> backward(context_t<B>& ctx, const saved& s, const tensor_type& grad_output, param_grads* pg = nullptr) const {
         using modules::detail::add_grads;
+        using modules::detail::slot_of;
         unet_block_grads<B, T> out;
-        auto d = config_.add_upsample ? upsampler_.backward(ctx, s.upsampler, grad_output) : grad_output;
+        auto d = config_.add_upsample ? upsampler_.backward(ctx, s.upsampler, grad_output, pg ? &pg->upsampler : nullptr) : grad_output;
         out.skips.resize(resnets_.size());
         for (std::size_t i = resnets_.size(); i-- > 0;) {
             if (config_.has_cross_attention) {
-                auto gt = attentions_[i].backward(ctx, s.attentions[i], d);
+                auto gt = attentions_[i].backward(ctx, s.attentions[i], d, slot_of(pg ? &pg->attentions : nullptr, i, attentions_.size()));
                 out.text = add_grads(ctx, out.text, gt.text);
                 d = gt.input;
             }
-            auto gr = resnets_[i].backward(ctx, s.resnets[i], d);
+            auto gr = resnets_[i].backward(ctx, s.resnets[i], d, slot_of(pg ? &pg->resnets : nullptr, i, resnets_.size()));
             out.temb = add_grads(ctx, out.temb, gr.temb);
             const auto [ch_h, ch_skip] = s.split[i];
             out.skips[i] = ops::slice(ctx, gr.input, 1, ch_h, ch_skip);

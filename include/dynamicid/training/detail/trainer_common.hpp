@@ -357,8 +357,10 @@ inline std::filesystem::path resolve_resume(const trainer_common_config& c) {
 
 /// Writes a checkpoint folder: every file into "<name>.tmp", then one rename,
 /// so a reader sees either the whole checkpoint or none.
+/// `texts`: further (relative name, contents) files, e.g. a component's config.json.
 inline std::filesystem::path write_checkpoint_folder(const std::filesystem::path& out_dir, std::int64_t step,
-                                                     const std::vector<std::pair<std::string, const io::safetensors_writer*>>& files) {
+                                                     const std::vector<std::pair<std::string, const io::safetensors_writer*>>& files,
+                                                     const std::vector<std::pair<std::string, std::string>>& texts = {}) {
     namespace fs = std::filesystem;
     fs::create_directories(out_dir);
     char name[32];
@@ -368,7 +370,16 @@ inline std::filesystem::path write_checkpoint_folder(const std::filesystem::path
     std::error_code ec;
     fs::remove_all(tmp, ec);
     fs::create_directories(tmp);
-    for (const auto& [file, w] : files) w->write(tmp / file);
+    for (const auto& [file, w] : files) {
+        fs::create_directories((tmp / file).parent_path());
+        w->write(tmp / file);
+    }
+    for (const auto& [file, text] : texts) {
+        fs::create_directories((tmp / file).parent_path());
+        std::ofstream out(tmp / file, std::ios::binary);
+        out << text;
+        check<io_error>(static_cast<bool>(out.flush()), trainer_component, "cannot write '", (tmp / file).string(), "'");
+    }
     fs::remove_all(final_dir, ec);
     fs::rename(tmp, final_dir, ec);
     check<io_error>(!ec, trainer_component, "cannot rename '", tmp.string(), "' to '", final_dir.string(), "': ", ec.message());
@@ -432,6 +443,57 @@ inline std::int64_t check_resume_metadata(const io::safetensors_file& f, const s
     }
     check<io_error>(step >= 0, trainer_component, f.source(), ": negative step");
     return step;
+}
+
+/// Timing for samples/s.
+struct run_clock {
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+    double seconds() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
+};
+
+/// The trainer_state.safetensors of a checkpoint: the AdamW state and, in the
+/// metadata, what a resume checks and restores.
+template <class B, class T>
+io::safetensors_writer trainer_state(context_t<B>& ctx, const adamw<B, T>& opt, const std::string& stage, std::int64_t step,
+                                     const trainer_common_config& c, const nlohmann::json& config) {
+    io::safetensors_writer state;
+    add_optimizer_state(ctx, state, opt);
+    state.set_metadata("stage", stage);
+    state.set_metadata("step", std::to_string(step));
+    state.set_metadata("seed", std::to_string(c.seed));
+    state.set_metadata("batch", std::to_string(c.batch));
+    state.set_metadata("data_position", std::to_string(step * c.batch));
+    state.set_metadata("rng", "philox, streams keyed by (seed, step, purpose, sample); nothing else to restore");
+    state.set_metadata("config", config.dump());
+    return state;
+}
+
+/// The sum of every rank's `value`.
+template <class C>
+double sum_over_ranks(C& comm, double value) {
+    if (comm.size() == 1) return value;
+    std::vector<double> v{value};
+    comm.allreduce_sum(std::span<double>(v));
+    return v[0];
+}
+
+/// Clips `grads` to cfg.clip, refuses a non-finite norm, takes the AdamW step
+/// and reports step `done` (counted after it): `loss` as given, `samples` per step.
+template <class B, class T>
+train_progress apply_gradients(context_t<B>& ctx, adamw<B, T>& opt, std::vector<tensor<B, T>>& grads, const trainer_common_config& cfg,
+                               std::int64_t done, double lr, double loss, double samples, const run_clock& clock) {
+    const double norm = clip_grad_norm(ctx, grads, cfg.clip > 0 ? cfg.clip : 1e30);
+    check<value_error>(std::isfinite(norm), trainer_component, "step ", done - 1, ": the gradient norm is ", norm);
+    opt.step(ctx, grads);
+    train_progress p;
+    p.step = done;
+    p.total = cfg.steps;
+    p.loss = loss;
+    p.lr = lr;
+    p.grad_norm = norm;
+    p.seconds = clock.seconds();
+    p.samples_per_second = p.seconds > 0 ? samples / p.seconds : 0.0;
+    return p;
 }
 
 /// The given communicator, or the trainer's own single-process one when none is given.
@@ -516,12 +578,6 @@ private:
     std::vector<tensor<B, T>> grads_;
     std::vector<bool> delivered_;
     gradient_bucketer<B, T, C> buckets_;
-};
-
-/// Timing for samples/s.
-struct run_clock {
-    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
-    double seconds() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
 };
 
 /// The loop both trainers' run() share: train_step() until cfg.steps or a stop

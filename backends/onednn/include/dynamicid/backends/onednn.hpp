@@ -44,6 +44,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string_view>
 #include <thread>
 #include <type_traits>
 #include <unordered_map>
@@ -520,8 +521,7 @@ struct onednn_backend {
                 onednn::detail::thread_scope scope(threads);
                 onednn::detail::key k("binary");
                 k << onednn::detail::data_type_of<T>() << threads << op << d.rank << d.shape << s0 << s1;
-                using entry = onednn::detail::planned<dnnl::binary::primitive_desc, dnnl::binary>;
-                auto* e = rt.template lookup<entry>(k, [&] {
+                auto* e = rt.template lookup<binary_entry>(k, [&] {
                     const auto dt = onednn::detail::data_type_of<T>();
                     dnnl::memory::dims dims, st0, st1, dims1;
                     for (int i = 0; i < d.rank; ++i) {
@@ -533,18 +533,32 @@ struct onednn_backend {
                         st1.push_back(s1[u]);
                     }
                     if (dims.empty()) dims = dims1 = st0 = st1 = {1};
-                    // A size-1 axis's stride is never used; give it a harmless value.
-                    for (std::size_t i = 0; i < dims.size(); ++i) {
-                        if (dims[i] == 1) st0[i] = 1;
-                        if (dims1[i] == 1) st1[i] = 1;
+                    // A size-1 axis's stride is never used; give it the value a dense layout
+                    // would have (computed from the right), so that oneDNN recognises plain
+                    // layouts: strides of 1 there read as a permuted format (a (1, C, 1, 1)
+                    // operand with strides 1, 1, 1, 1 is "bacd") and get the reference kernel.
+                    for (std::size_t i = dims.size(); i-- > 0;) {
+                        const bool last = i + 1 == dims.size();
+                        if (dims[i] == 1) st0[i] = last ? 1 : st0[i + 1] * dims[i + 1];
+                        if (dims1[i] == 1) st1[i] = last ? 1 : st1[i + 1] * dims1[i + 1];
                     }
                     const dnnl::memory::desc md0(dims, dt, st0), md1(dims1, dt, st1), mdd(dims, dt, onednn::detail::dense_strides(dims));
-                    dnnl::binary::primitive_desc pd(dnnl::binary::desc(binary_algorithm(op), md0, md1, mdd), rt.engine());
-                    return entry{pd, dnnl::binary(pd)};
+                    const auto algorithm = binary_algorithm(op);
+                    dnnl::binary::primitive_desc pd(dnnl::binary::desc(algorithm, md0, md1, mdd), rt.engine());
+                    // A first operand in another layout than the output (a channels-last view
+                    // into a dense result) with a broadcast second one gets oneDNN's reference
+                    // kernel, about a hundred times slower than a jitted one: copy it dense
+                    // first (one fast reorder), then combine dense operands.
+                    if (std::string_view(pd.impl_info_str()).rfind("ref", 0) == 0 && !(md0 == mdd)) {
+                        dnnl::binary::primitive_desc dense(dnnl::binary::desc(algorithm, mdd, md1, mdd), rt.engine());
+                        return binary_entry{dense, dnnl::binary(dense), md0, reorder_if_needed(rt.engine(), md0, mdd)};
+                    }
+                    return binary_entry{pd, dnnl::binary(pd), md0, {}};
                 });
                 if (e) {
                     const auto& eng = rt.engine();
-                    e->primitive.execute(rt.stream(), {{DNNL_ARG_SRC_0, onednn::detail::wrap(e->pd.src_desc(0), eng, first)},
+                    const auto src0 = staged_in(rt, e->src0_in, e->user_src0, e->pd.src_desc(0), first, 0);
+                    e->primitive.execute(rt.stream(), {{DNNL_ARG_SRC_0, src0},
                                                        {DNNL_ARG_SRC_1, onednn::detail::wrap(e->pd.src_desc(1), eng, second)},
                                                        {DNNL_ARG_DST, onednn::detail::wrap(e->pd.dst_desc(), eng, y)}});
                     rt.stream().wait();
@@ -802,6 +816,13 @@ private:
         r.execute(rt.stream(), in, out);
         return out;
     }
+
+    struct binary_entry {
+        dnnl::binary::primitive_desc pd;
+        dnnl::binary primitive;
+        dnnl::memory::desc user_src0;
+        dnnl::reorder src0_in;  ///< to a dense copy when the user's layout would get a reference kernel
+    };
 
     struct conv_fwd_entry {
         dnnl::convolution_forward::primitive_desc pd;
