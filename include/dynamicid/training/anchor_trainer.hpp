@@ -185,11 +185,7 @@ public:
         reduction_.emplace(*comm_, params, arrival, detail::bucket_options_of(cfg_));
         opt_.emplace(ctx, std::move(params), adamw_options{.lr = cfg_.lr, .weight_decay = cfg_.weight_decay});
         text_states_empty_ = encode_text(ctx, "");
-        if (!resume_dir.empty()) {
-            const auto state = io::safetensors_file::open(resume_dir / "trainer_state.safetensors");
-            step_ = detail::check_resume_metadata(state, stage, cfg_);
-            detail::load_optimizer_state(ctx, state, *opt_);
-        }
+        step_ = detail::resume_optimizer(ctx, resume_dir, stage, cfg_, *opt_);
     }
 
     const anchor_trainer_config& config() const noexcept { return cfg_; }

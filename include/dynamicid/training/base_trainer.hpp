@@ -225,21 +225,19 @@ public:
         }
 
         std::vector<tensor_type> params;
-        for_each_weight(nullptr, [&](const std::string& key, const tensor_type& w, const tensor_type&) {
+        const auto add = [&](const std::string& key, const tensor_type& w, const tensor_type&) {
             names_.push_back(key);
             params.push_back(w);
-        });
+        };
+        if (vae_stage) vae_->for_each_parameter(nullptr, add);
+        else unet_->for_each_parameter(nullptr, add);
         check<value_error>(!params.empty(), detail::trainer_component, "the ", cfg_.component, " has no weights to train");
         for (const auto& p : params) broadcast(ctx, *comm_, p);
         std::vector<std::size_t> arrival(params.size());
         for (std::size_t i = 0; i < arrival.size(); ++i) arrival[i] = arrival.size() - 1 - i;
         reduction_.emplace(*comm_, params, arrival, detail::bucket_options_of(cfg_));
         opt_.emplace(ctx, std::move(params), adamw_options{.lr = cfg_.lr, .weight_decay = cfg_.weight_decay});
-        if (!resume_dir.empty()) {
-            const auto state = io::safetensors_file::open(resume_dir / "trainer_state.safetensors");
-            step_ = detail::check_resume_metadata(state, stage, cfg_);
-            detail::load_optimizer_state(ctx, state, *opt_);
-        }
+        step_ = detail::resume_optimizer(ctx, resume_dir, stage, cfg_, *opt_);
     }
 
     const base_trainer_config& config() const noexcept { return cfg_; }
@@ -301,12 +299,6 @@ public:
     }
 
 private:
-    template <class F>
-    void for_each_weight(const void* grads, F&& f) const {
-        if (cfg_.component == "vae") vae_->for_each_parameter(static_cast<const typename vae_type::param_grads*>(grads), f);
-        else unet_->for_each_parameter(static_cast<const typename unet_type::param_grads*>(grads), f);
-    }
-
     tensor_type images_of(context_t<B>& ctx, const std::vector<std::int64_t>& mine, std::vector<std::size_t>& items) const {
         std::vector<tensor_type> imgs;
         for (const auto j : mine) {
@@ -324,11 +316,11 @@ private:
         return ops::concat(ctx, rows, 0);
     }
 
-    void collect(const typename vae_type::param_grads* vg, const typename unet_type::param_grads* ug, std::vector<tensor_type>& grads) const {
+    // The gradients of `pg` in the order of the optimizer's parameters (the model's visiting order).
+    template <class Model, class Grads>
+    static void collect(const Model& model, const Grads& pg, std::vector<tensor_type>& grads) {
         std::size_t i = 0;
-        const auto take = [&](const std::string&, const tensor_type&, const tensor_type& g) { grads[i++] = g; };
-        if (vg) vae_->for_each_parameter(vg, take);
-        else unet_->for_each_parameter(ug, take);
+        model.for_each_parameter(&pg, [&](const std::string&, const tensor_type&, const tensor_type& g) { grads[i++] = g; });
     }
 
     double vae_step(context_t<B>& ctx, const std::vector<std::int64_t>& mine, std::vector<tensor_type>& grads) {
@@ -353,7 +345,7 @@ private:
         const auto dk = vae_->kl_backward(ctx, dist, tensor_type::full(ctx, {static_cast<index_t>(mine.size())},
                                                                       static_cast<T>(cfg_.kl_weight * share / n)));
         (void)vae_->encode_backward(ctx, s_enc, ops::add(ctx, dd.mean, dk.mean), ops::add(ctx, dd.logvar, dk.logvar), &pg);
-        collect(&pg, nullptr, grads);
+        collect(*vae_, pg, grads);
         return value * share;
     }
 
@@ -399,7 +391,7 @@ private:
         auto [loss, saved] = mse_loss_forward(ctx, eps.value, noise);
         const double value = static_cast<double>(loss.to_host(ctx)[0]);
         tp.backward(ctx, eps, ops::scale(ctx, mse_loss_backward(ctx, saved).prediction, share));
-        collect(nullptr, &pg, grads);
+        collect(*unet_, pg, grads);
         return value * share;
     }
 

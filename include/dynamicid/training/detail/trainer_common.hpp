@@ -468,6 +468,18 @@ io::safetensors_writer trainer_state(context_t<B>& ctx, const adamw<B, T>& opt, 
     return state;
 }
 
+/// Restores the AdamW state of the checkpoint folder `resume_dir` (none when
+/// empty) and returns its step (0 for a fresh run).
+template <class B, class T>
+std::int64_t resume_optimizer(context_t<B>& ctx, const std::filesystem::path& resume_dir, const std::string& stage,
+                              const trainer_common_config& c, adamw<B, T>& opt) {
+    if (resume_dir.empty()) return 0;
+    const auto state = io::safetensors_file::open(resume_dir / "trainer_state.safetensors");
+    const auto step = check_resume_metadata(state, stage, c);
+    load_optimizer_state(ctx, state, opt);
+    return step;
+}
+
 /// The sum of every rank's `value`.
 template <class C>
 double sum_over_ranks(C& comm, double value) {
