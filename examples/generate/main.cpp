@@ -19,6 +19,8 @@
 // carries the settings in text chunks ("parameters", in the form other Stable
 // Diffusion tools write, and "dynamicid" as JSON). Progress goes to stderr: a
 // bar on a terminal, otherwise a line about every tenth of the run.
+#include "default_model.hpp"
+#include "eval_command.hpp"
 #include "png_text.hpp"
 #include "train_command.hpp"
 #include "world_command.hpp"
@@ -68,11 +70,14 @@ using clock_type = std::chrono::steady_clock;
 
 constexpr const char* usage_text =
     "usage: dynamicid generate --model PATH --prompt TEXT [options]\n"
-    "       dynamicid train base|anchor|imr --config FILE.json   (docs/training.md; also train init)\n"
+    "       dynamicid train base|id|anchor|imr --config FILE.json   (docs/training.md; also train init|scale|export)\n"
     "       dynamicid face analyze PHOTO [--models DIR] [--out FILE]   (builds with ONNX; docs/face.md)\n"
     "       dynamicid world render|show|sheet ...            (procedural faces; docs/world.md)\n"
+    "       dynamicid eval [--identities N] ...               (the default model's evaluation; docs/default_model.md)\n"
     "\n"
-    "  --model PATH      a diffusers folder or an SD1.x .safetensors file (required)\n"
+    "  --model PATH      a diffusers folder or an SD1.x .safetensors file (default: the built-in default\n"
+    "                    model, data/default_model: a small DynamicID on 64x64 pictures of the face world;\n"
+    "                    its --saa, --image-encoder and --imr are used unless given; 64x64, 25 steps by default)\n"
     "  --prompt TEXT     what to draw (required)\n"
     "  --negative TEXT   what to steer away from (default: empty)\n"
     "  --seed N          initial-noise seed (default 0)\n"
@@ -119,6 +124,7 @@ struct cli_options {
     std::size_t steps = 50;
     double guidance = 7.5;
     long long width = 512, height = 512, images = 1;
+    bool size_given = false, steps_given = false;
     double eta = 0.0;
     int threads = 0;
     std::string out = "out.png";
@@ -182,10 +188,10 @@ cli_options parse(int argc, char** argv) {
         else if (flag == "--prompt") o.prompt = value;
         else if (flag == "--negative") o.negative = value;
         else if (flag == "--seed") o.seed = parse_number<std::uint64_t>(flag, value);
-        else if (flag == "--steps") o.steps = parse_number<std::size_t>(flag, value);
+        else if (flag == "--steps") o.steps = parse_number<std::size_t>(flag, value), o.steps_given = true;
         else if (flag == "--guidance") o.guidance_given = o.guidance = parse_number<double>(flag, value);
-        else if (flag == "--width") o.width = parse_number<long long>(flag, value);
-        else if (flag == "--height") o.height = parse_number<long long>(flag, value);
+        else if (flag == "--width") o.width = parse_number<long long>(flag, value), o.size_given = true;
+        else if (flag == "--height") o.height = parse_number<long long>(flag, value), o.size_given = true;
         else if (flag == "--images") o.images = parse_number<long long>(flag, value);
         else if (flag == "--eta") o.eta = parse_number<double>(flag, value);
         else if (flag == "--threads") o.threads = parse_number<int>(flag, value);
@@ -489,15 +495,25 @@ int generate_with_identities(const cli_options& o) {
     return 0;
 }
 
-int generate(int argc, char** argv) {
-    const cli_options o = parse(argc, argv);
-    if (!o.model) {
-        std::fprintf(stderr,
-                     "dynamicid generate: a model is needed. Pass --model PATH with a Stable Diffusion 1.x checkpoint: a diffusers\n"
-                     "folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an original single\n"
-                     ".safetensors file such as v1-5-pruned-emaonly.safetensors. There is no built-in default model yet.\n");
-        return 2;
+/// No --model: the built-in default model, its DynamicID parts, and sizes it was trained at.
+void use_default_model(cli_options& o) {
+    const auto dir = dynamicid_cli::default_model_dir();
+    if (!fs::exists(dir / "model_index.json")) {
+        throw usage_error{"a model is needed and the built-in default model is not at '" + dir.string() +
+                          "' (set $DYNAMICID_DEFAULT_MODEL, or pass --model PATH: a diffusers folder or an SD1.x .safetensors file)"};
     }
+    o.model = dir.string();
+    if (!o.size_given) o.width = o.height = 64;
+    if (!o.steps_given) o.steps = 25;
+    if (o.ids.empty()) return;
+    if (!o.saa) o.saa = (dir / "SAA.safetensors").string();
+    if (!o.image_encoder) o.image_encoder = (dir / "image_encoder").string();
+    if (!o.imr && fs::exists(dir / "IMR.safetensors")) o.imr = (dir / "IMR.safetensors").string();
+}
+
+int generate(int argc, char** argv) {
+    cli_options o = parse(argc, argv);
+    if (!o.model) use_default_model(o);
     if (!o.prompt) throw usage_error{"--prompt is required"};
     if (!o.ids.empty()) return generate_with_identities(o);
     if (o.saa || o.image_encoder || o.imr || o.kpe || o.maps || o.mix || o.alpha || o.boost_steps)
@@ -562,6 +578,7 @@ int main(int argc, char** argv) {
         if (command == "generate") return generate(argc, argv);
         if (command == "train") return dynamicid_cli::run_train_command(argc - 1, argv + 1);
         if (command == "world") return dynamicid_cli::run_world_command(argc - 1, argv + 1);
+        if (command == "eval") return dynamicid_cli::run_eval_command(argc - 1, argv + 1);
 #if defined(DYNAMICID_CLI_FACE)
         if (command == "face") return dynamicid_cli::run_face_command(argc - 1, argv + 1);
 #endif

@@ -33,17 +33,22 @@ extern "C" void on_interrupt(int) { interrupted.store(true); }
 
 constexpr const char* usage =
     "usage: dynamicid train base|id|anchor|imr --config FILE.json [--threads N]\n"
-    "       dynamicid train init MODEL/text_encoder|unet|vae [--seed N]\n"
+    "       dynamicid train init MODEL/text_encoder|unet|vae|image_encoder [--seed N]\n"
+    "       dynamicid train scale MODEL --manifest FILE.jsonl [--images N] [--resolution R]\n"
+    "       dynamicid train export MODEL OUT_DIR\n"
     "  base     a base-model component from scratch (\"component\": \"vae\" or \"unet\"; writes <component>/ in diffusers' layout)\n"
-    "  id       the identity encoder (IResNet + ArcFace margin) on the face world's identities (writes face_id_net.safetensors)\n"
+    "  id       the identity encoder (IResNet + ArcFace margin) on the face world's identities (writes face_id_net.safetensors);\n"
+    "           with \"target\" expression|yaw|pitch|accessories|background, a classifier of that attribute (dynamicid eval)\n"
     "  init     writes random weights (torch's default initialisation) for a component folder that has only its config.json\n"
+    "  scale    sets MODEL/vae/config.json's scaling_factor to 1 / std of the VAE latents of the manifest's first N images\n"
+    "  export   copies a trained model folder, storing large float tensors (>= 16384 values) in f16\n"
     "  anchor   the anchoring stage: projection + SA/SAA processors (writes SAA.safetensors)\n"
     "  imr      the reconfiguration stage: IMR + KeyPointEncoder (writes IMR.safetensors, key_point_encoder.safetensors)\n"
     "Config keys: sd_model, image_encoder, manifest, output_dir, steps, batch, lr, lr_schedule, warmup, weight_decay,\n"
     "  clip, seed, checkpoint_every, resume (a checkpoint folder or \"latest\"), threads, activation_checkpointing;\n"
     "  base: component, init (random|pretrained), resolution, caption_drop, kl_weight;\n"
     "  id: output_dir, steps, batch, identities, first_id, render_size, seed, lr, lr_schedule, warmup, weight_decay,\n"
-    "  clip, checkpoint_every, resume, scale, margin, net {input_size, widths, blocks, embedding_size};\n"
+    "  clip, checkpoint_every, resume, scale, margin, net {input_size, widths, blocks, embedding_size}, target, crop (face|full);\n"
     "  anchor: resolution, rank, init_checkpoint, projection_init, num_tokens, projection_depth, id_drop, text_drop,\n"
     "  both_drop, gate; imr: saa_checkpoint, imr_init, keypoint_encoder_init, targets, resolution, lambda,\n"
     "  landmark_frame, gate. Checkpoints: OUTPUT_DIR/checkpoint-<step>/, log: OUTPUT_DIR/train_log.csv.\n";
@@ -81,8 +86,7 @@ int train(const nlohmann::json& j, int threads_override) {
 
 /// The identity encoder on the face world: each step draws `batch` pictures
 /// of identities first_id .. first_id + identities - 1 (random expression,
-/// pose, accessories, background), crops each face's box (made square and
-/// 20% larger) and resizes it to the net's input, in (x - 127.5) / 127.5.
+/// pose, accessories, background) and feeds each face's world::face_crop.
 int train_identity(const nlohmann::json& j, int threads_override) {
     namespace tr = dynamicid::training;
     namespace world = dynamicid::world;
@@ -91,9 +95,10 @@ int train_identity(const nlohmann::json& j, int threads_override) {
     std::int64_t batch = 32, identities = 0;
     std::uint64_t first_id = 0;
     int render_size = 64, threads = threads_override;
+    std::string target = "identity", crop;
     static const std::vector<std::string> keys{"stage", "output_dir", "steps", "batch", "identities", "first_id", "render_size", "seed",
                                                "lr", "lr_schedule", "warmup", "weight_decay", "clip", "checkpoint_every", "resume",
-                                               "scale", "margin", "net", "threads", "init_weights"};
+                                               "scale", "margin", "net", "threads", "init_weights", "target", "crop"};
     if (!j.is_object()) throw dynamicid::value_error("train", "config: the top level is not a JSON object");
     for (const auto& [k, v] : j.items())
         if (std::find(keys.begin(), keys.end(), k) == keys.end()) throw dynamicid::value_error("train", "config: unknown key \"" + k + "\"");
@@ -113,6 +118,8 @@ int train_identity(const nlohmann::json& j, int threads_override) {
         cfg.checkpoint_every = j.value("checkpoint_every", cfg.checkpoint_every);
         cfg.resume = j.value("resume", std::string());
         cfg.init_weights = j.value("init_weights", std::string());
+        target = j.value("target", target);
+        crop = j.value("crop", std::string(target == "background" ? "full" : "face"));
         cfg.margin.scale = j.value("scale", cfg.margin.scale);
         cfg.margin.margin = j.value("margin", cfg.margin.margin);
         if (threads <= 0) threads = j.value("threads", 0);
@@ -129,7 +136,11 @@ int train_identity(const nlohmann::json& j, int threads_override) {
     if (batch < 2) throw dynamicid::value_error("train", "config: \"batch\" must be >= 2 (BatchNorm in training mode)");
     if (identities < 2) throw dynamicid::value_error("train", "config: \"identities\" must be >= 2");
     if (render_size < 32 || render_size > 1024) throw dynamicid::value_error("train", "config: \"render_size\" must be in [32, 1024]");
-    cfg.num_classes = identities;
+    if (crop != "face" && crop != "full") throw dynamicid::value_error("train", "config: \"crop\" must be \"face\" or \"full\"");
+    const bool by_identity = target == "identity";
+    const auto attribute = by_identity ? world::attribute::expression : world::parse_attribute(target);
+    cfg.num_classes = by_identity ? identities : world::classes_of(attribute);
+    const bool whole = crop == "full";
     const auto side = cfg.net.input_size;
     const auto seed = cfg.seed;
     tr::id_batch_source<B, float> source = [=](B::context& ctx, std::int64_t step) {
@@ -137,26 +148,13 @@ int train_identity(const nlohmann::json& j, int threads_override) {
         std::vector<std::int64_t> labels;
         for (std::int64_t i = 0; i < batch; ++i) {
             const auto pick = tr::detail::stream_of(seed, step, 31, static_cast<std::uint64_t>(i));
-            const auto label = tr::detail::uniform_int(pick, 0, identities);
+            const auto person = tr::detail::uniform_int(pick, 0, identities);
             const auto sample = static_cast<std::uint64_t>(tr::detail::uniform_int(pick, 1, std::int64_t{1} << 40));
-            const auto r = world::render(world::sample_scene(first_id + static_cast<std::uint64_t>(label), sample, seed), render_size, render_size);
-            const auto& box = r.faces.front().box;
-            const double cx = (box[0] + box[2]) / 2, cy = (box[1] + box[3]) / 2;
-            const double half = 0.6 * std::max(box[2] - box[0], box[3] - box[1]);
-            const auto x0 = static_cast<dynamicid::index_t>(std::clamp(std::lround(cx - half), 0L, static_cast<long>(render_size - 1)));
-            const auto y0 = static_cast<dynamicid::index_t>(std::clamp(std::lround(cy - half), 0L, static_cast<long>(render_size - 1)));
-            const auto x1 = static_cast<dynamicid::index_t>(std::clamp(std::lround(cx + half), static_cast<long>(x0) + 1, static_cast<long>(render_size)));
-            const auto y1 = static_cast<dynamicid::index_t>(std::clamp(std::lround(cy + half), static_cast<long>(y0) + 1, static_cast<long>(render_size)));
-            dynamicid::modules::clip::image_u8 crop;
-            crop.height = y1 - y0;
-            crop.width = x1 - x0;
-            for (auto y = y0; y < y1; ++y)
-                for (auto x = x0; x < x1; ++x)
-                    for (int c = 0; c < 3; ++c) crop.pixels.push_back(r.rgb[static_cast<std::size_t>((y * render_size + x) * 3 + c)]);
-            const auto face = dynamicid::modules::clip::resize(crop, side, side);
-            for (int c = 0; c < 3; ++c)
-                for (dynamicid::index_t k = 0; k < side * side; ++k)
-                    pixels.push_back(static_cast<float>((face.pixels[static_cast<std::size_t>(k * 3 + c)] - 127.5) / 127.5));
+            const auto scene = world::sample_scene(first_id + static_cast<std::uint64_t>(person), sample, seed);
+            const auto r = world::render(scene, render_size, render_size);
+            const auto input = whole ? world::image_input(r, static_cast<int>(side)) : world::face_crop(r, 0, static_cast<int>(side));
+            pixels.insert(pixels.end(), input.begin(), input.end());
+            const std::int64_t label = by_identity ? person : world::label_of(scene, 0, attribute);
             labels.push_back(label);
         }
         // (batch, 3, side, side): the loop above wrote each picture's planes in turn.
@@ -165,8 +163,12 @@ int train_identity(const nlohmann::json& j, int threads_override) {
     B::context ctx{};
     if (threads > 0) ctx.threads = threads;
     tr::id_trainer<B> trainer(ctx, cfg, source);
-    std::fprintf(stderr, "training the identity encoder on %lld identities from step %lld to %lld\n", static_cast<long long>(identities),
-                 static_cast<long long>(trainer.step()), static_cast<long long>(cfg.steps));
+    if (by_identity)
+        std::fprintf(stderr, "training the identity encoder on %lld identities from step %lld to %lld\n", static_cast<long long>(identities),
+                     static_cast<long long>(trainer.step()), static_cast<long long>(cfg.steps));
+    else
+        std::fprintf(stderr, "training the %s classifier (%lld classes, %s input) from step %lld to %lld\n", target.c_str(),
+                     static_cast<long long>(cfg.num_classes), crop.c_str(), static_cast<long long>(trainer.step()), static_cast<long long>(cfg.steps));
     std::stop_source stop;
     std::signal(SIGINT, on_interrupt);
     trainer.run(ctx, stop.get_token(), [&](const tr::train_progress& p) {
@@ -179,25 +181,121 @@ int train_identity(const nlohmann::json& j, int threads_override) {
     return interrupted.load() ? 130 : 0;
 }
 
+/// `train scale`: the VAE latents' standard deviation over the first `images`
+/// pictures of a manifest (samples of the posterior, as the UNet stage sees
+/// them), written as scaling_factor = 1 / std into MODEL/vae/config.json.
+int measure_scaling_factor(const std::filesystem::path& model, const std::filesystem::path& manifest, std::int64_t images,
+                           dynamicid::index_t resolution, int threads) {
+    namespace tr = dynamicid::training;
+    using B = dynamicid::cpu_backend;
+    B::context ctx{};
+    if (threads > 0) ctx.threads = threads;
+    const auto config_path = model / "vae" / "config.json";
+    auto config = tr::detail::read_json_file(config_path);
+    const auto vc = dynamicid::modules::vae::autoencoder_kl_config::from_json(config);
+    const auto vae = dynamicid::modules::vae::autoencoder_kl<B>::load(
+        ctx, dynamicid::modules::weight_source::open({tr::detail::component_weights(model / "vae")}), vc);
+    const auto data = tr::read_manifest(manifest, {.arcface_width = 0, .require_arcface = false});
+    double sum = 0, sum_sq = 0, count = 0;
+    const auto n = std::min<std::size_t>(data.size(), static_cast<std::size_t>(std::max<std::int64_t>(images, 1)));
+    for (std::size_t i = 0; i < n; ++i) {
+        const auto image = tr::detail::load_training_image<B, float>(ctx, data[i].image, resolution);
+        const auto z = vae.sample(ctx, vae.encode(ctx, image), 1000 + i).to_host(ctx);
+        for (float v : z) sum += v, sum_sq += static_cast<double>(v) * v, count += 1;
+    }
+    const double mean = sum / count, var = sum_sq / count - mean * mean;
+    if (!(var > 0) || !std::isfinite(var)) throw dynamicid::value_error("train", "the VAE latents have no spread (variance " + std::to_string(var) + ")");
+    const double factor = 1.0 / std::sqrt(var);
+    config["scaling_factor"] = factor;
+    std::ofstream out(config_path);
+    out << config.dump(2) << '\n';
+    if (!out) throw dynamicid::io_error("train", "cannot write '" + config_path.string() + "'");
+    std::printf("latents over %zu images: mean %.4f std %.4f; scaling_factor %.5f written to %s\n", n, mean, std::sqrt(var), factor,
+                config_path.string().c_str());
+    return 0;
+}
+
+/// `train export`: MODEL copied to OUT with every floating tensor of at least
+/// 16384 values stored in f16 (the loaders convert back; small tensors, such
+/// as norms and biases, stay f32). A value beyond f16's range is an error. Of a
+/// trainer_state.safetensors (an attribute classifier's) only "margin.weight"
+/// and the metadata are kept.
+int export_model(const std::filesystem::path& model, const std::filesystem::path& out) {
+    namespace fs = std::filesystem;
+    if (!fs::is_directory(model)) throw dynamicid::io_error("train", "export: '" + model.string() + "' is not a folder");
+    if (fs::exists(out) && !fs::is_empty(out))
+        for (const auto& e : fs::directory_iterator(out))
+            if (e.path().filename() != ".gitattributes") fs::remove_all(e.path());
+    std::size_t bytes = 0;
+    for (const auto& e : fs::recursive_directory_iterator(model)) {
+        const auto rel = fs::relative(e.path(), model);
+        const auto dst = out / rel;
+        if (e.is_directory()) {
+            fs::create_directories(dst);
+            continue;
+        }
+        fs::create_directories(dst.parent_path());
+        if (e.path().extension() != ".safetensors") {
+            fs::copy_file(e.path(), dst, fs::copy_options::overwrite_existing);
+            bytes += fs::file_size(dst);
+            continue;
+        }
+        const auto file = dynamicid::io::safetensors_file::open(e.path());
+        dynamicid::io::safetensors_writer w;
+        for (const auto& [k, v] : file.metadata()) w.set_metadata(k, v);
+        // A classifier's trainer state: only its class weights are kept (dynamicid eval reads them).
+        const bool classifier_state = e.path().filename() == "trainer_state.safetensors";
+        for (const auto& name : file.names()) {
+            if (classifier_state && name != "margin.weight") continue;
+            const auto& info = file.info(name);
+            const bool floating = info.type == dynamicid::dtype::f32 || info.type == dynamicid::dtype::f64;
+            if (floating && info.dims.numel() >= 16384) {
+                const auto v = file.to_vector<float>(name);
+                std::vector<dynamicid::half> h(v.size());
+                for (std::size_t i = 0; i < v.size(); ++i) {
+                    if (std::fabs(v[i]) > 65504.0f)
+                        throw dynamicid::value_error("train", "export: '" + name + "' in " + e.path().string() + " exceeds f16's range");
+                    h[i] = dynamicid::half(v[i]);
+                }
+                w.add(name, info.dims, h);
+            } else if (info.type == dynamicid::dtype::f32) {
+                w.add(name, info.dims, file.to_vector<float>(name));
+            } else {
+                w.add_bytes(name, info.type, info.dims, file.bytes(name));
+            }
+        }
+        w.write(dst);
+        bytes += fs::file_size(dst);
+    }
+    std::printf("exported %s to %s (%.1f MB)\n", model.string().c_str(), out.string().c_str(), static_cast<double>(bytes) / 1e6);
+    return 0;
+}
+
 }  // namespace
 
 int run_train_command(int argc, char** argv) {
-    std::string stage, config, folder;
+    std::string stage, config, folder, second, manifest;
     int threads = 0;
     unsigned long long seed = 0;
+    long long images = 256, resolution = 64;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
-        if ((a == "--config" || a == "--threads" || a == "--seed") && i + 1 < argc) {
+        if ((a == "--config" || a == "--threads" || a == "--seed" || a == "--manifest" || a == "--images" || a == "--resolution") && i + 1 < argc) {
             if (a == "--config") config = argv[++i];
             else if (a == "--seed") seed = std::strtoull(argv[++i], nullptr, 10);
+            else if (a == "--manifest") manifest = argv[++i];
+            else if (a == "--images") images = std::atoll(argv[++i]);
+            else if (a == "--resolution") resolution = std::atoll(argv[++i]);
             else threads = std::atoi(argv[++i]);
         } else if (a == "-h" || a == "--help") {
             std::fputs(usage, stdout);
             return 0;
-        } else if (stage.empty() && (a == "anchor" || a == "imr" || a == "base" || a == "id" || a == "init")) {
+        } else if (stage.empty() && (a == "anchor" || a == "imr" || a == "base" || a == "id" || a == "init" || a == "scale" || a == "export")) {
             stage = a;
-        } else if (stage == "init" && folder.empty()) {
+        } else if ((stage == "init" || stage == "scale" || stage == "export") && folder.empty()) {
             folder = a;
+        } else if (stage == "export" && second.empty()) {
+            second = a;
         } else {
             std::fprintf(stderr, "dynamicid train: unexpected argument '%s'\n%s", a.c_str(), usage);
             return 2;
@@ -215,6 +313,20 @@ int run_train_command(int argc, char** argv) {
             return 0;
         } catch (const std::exception& e) {
             std::fprintf(stderr, "dynamicid train init: %s\n", e.what());
+            return 1;
+        }
+    }
+    if (stage == "scale" || stage == "export") {
+        if (folder.empty() || (stage == "scale" && manifest.empty()) || (stage == "export" && second.empty())) {
+            std::fputs(usage, stderr);
+            return 2;
+        }
+        try {
+            if (stage == "export") return export_model(folder, second);
+            if (resolution < 8 || resolution > 4096 || resolution % 8 != 0) throw dynamicid::value_error("train", "--resolution must be a multiple of 8 in [8, 4096]");
+            return measure_scaling_factor(folder, manifest, images, resolution, threads);
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "dynamicid train %s: %s\n", stage.c_str(), e.what());
             return 1;
         }
     }

@@ -1,7 +1,13 @@
 // dynamicid CLI: `dynamicid world render|show|sheet` (see world_command.hpp).
 #include "world_command.hpp"
 
+#include "default_model.hpp"
 #include "png_text.hpp"
+#include "world_models.hpp"
+
+#include <dynamicid/backends/cpu.hpp>
+#include <dynamicid/io/safetensors.hpp>
+#include <dynamicid/modules/identity/face_id_net.hpp>
 
 #include <face_world.hpp>
 
@@ -27,15 +33,19 @@ namespace w = dynamicid::world;
 
 constexpr const char* world_usage =
     "usage: dynamicid world render --out DIR --identities N --per-identity K [--size 64] [--seed S]\n"
-    "                              [--two-person M] [--first-id ID]\n"
+    "                              [--two-person M] [--first-id ID] [--id-net FILE]\n"
     "       dynamicid world show --id N [--expression E] [--yaw left|front|right|DEG] [--pitch up|front|down|DEG]\n"
     "                            [--background B] [--accessories none|hat|glasses|both] [--size 256] [--seed S]\n"
     "                            [--sample K] [--landmarks] [--out face.png]\n"
+    "                            [--write-embedding FILE.safetensors] [--write-landmarks FILE.txt] [--id-net FILE]\n"
     "       dynamicid world sheet --out sheet.png [--mode identities|expressions|poses|two] [--size 64]\n"
     "                             [--cols 8] [--rows 8] [--first-id ID] [--seed S]\n"
     "\n"
     "  expressions: neutral happy sad surprised angry; backgrounds: plain beach forest city room mountains\n"
-    "  Held-out identities: use ids from 1000000 up (--first-id 1000000); training uses 0..N-1.\n";
+    "  Held-out identities: use ids from 1000000 up (--first-id 1000000); training uses 0..N-1.\n"
+    "  --id-net FILE: an identity encoder (face_id_net.safetensors); render adds each single-person line's\n"
+    "  \"arcface\" (L2-normalised) to the manifest; show writes --write-embedding with it (default: the\n"
+    "  default model's encoder). --write-landmarks: the 106 points on a 512x512 frame, for generate --landmarks.\n";
 
 struct usage_problem {
     std::string message;
@@ -95,7 +105,7 @@ void write_file(const fs::path& path, const std::vector<std::uint8_t>& bytes) {
 void write_png(const fs::path& path, const w::rendering& r) { write_file(path, encode_png_rgb(r.rgb.data(), r.width, r.height)); }
 
 int render_dataset(int argc, char** argv) {
-    const auto o = parse_options(argc, argv, {"--out", "--identities", "--per-identity", "--size", "--seed", "--two-person", "--first-id"});
+    const auto o = parse_options(argc, argv, {"--out", "--identities", "--per-identity", "--size", "--seed", "--two-person", "--first-id", "--id-net"});
     if (!o.count("--out")) throw usage_problem{"--out DIR is required"};
     const fs::path dir = o.at("--out");
     const std::uint64_t n = to_u64(o, "--identities", 0), k = to_u64(o, "--per-identity", 0), first = to_u64(o, "--first-id", 0);
@@ -108,6 +118,8 @@ int render_dataset(int argc, char** argv) {
         throw dynamicid::value_error(std::string(w::world_component), "--first-id " + std::to_string(first) + " leaves no room for the identities");
     // Validate the size before touching the disk.
     w::check_image_size(size, size);
+    std::optional<id_encoder> encoder;
+    if (o.count("--id-net")) encoder.emplace(o.at("--id-net"));
     fs::create_directories(dir / "images");
     std::ofstream manifest(dir / "train.jsonl", std::ios::binary);
     if (!manifest) throw dynamicid::io_error(std::string(w::world_component), "cannot write '" + (dir / "train.jsonl").string() + "'");
@@ -118,7 +130,12 @@ int render_dataset(int argc, char** argv) {
             const auto r = w::render(s, size, size);
             const std::string name = "images/" + std::to_string(id) + "_" + std::to_string(j) + ".png";
             write_png(dir / name, r);
-            manifest << w::manifest_line(s, r, name) << '\n';
+            if (encoder) {
+                const auto e = encoder->embed(r, 0);
+                manifest << w::manifest_line(s, r, name, e) << '\n';
+            } else {
+                manifest << w::manifest_line(s, r, name) << '\n';
+            }
             ++written;
         }
     }
@@ -144,7 +161,8 @@ int render_dataset(int argc, char** argv) {
 
 int show(int argc, char** argv) {
     const auto o = parse_options(argc, argv,
-                                 {"--id", "--expression", "--yaw", "--pitch", "--background", "--accessories", "--size", "--seed", "--sample", "--out"},
+                                 {"--id", "--expression", "--yaw", "--pitch", "--background", "--accessories", "--size", "--seed", "--sample", "--out",
+                                  "--write-embedding", "--write-landmarks", "--id-net"},
                                  {"--landmarks"});
     if (!o.count("--id")) throw usage_problem{"--id N is required"};
     auto s = w::sample_scene(to_u64(o, "--id", 0), to_u64(o, "--sample", 0), to_u64(o, "--seed", 0));
@@ -156,6 +174,24 @@ int show(int argc, char** argv) {
     if (o.count("--accessories")) f.accessories = w::parse_accessories(o.at("--accessories"));
     const int size = to_int(o, "--size", 256);
     auto r = w::render(s, size, size);
+    if (o.count("--write-embedding")) {
+        const fs::path net = o.count("--id-net") ? fs::path(o.at("--id-net")) : default_model_dir() / "face_id_net.safetensors";
+        const auto e = id_encoder(net).embed(r, 0);
+        dynamicid::io::safetensors_writer file;
+        file.add("embedding", {static_cast<dynamicid::index_t>(e.size())}, e);
+        file.write(o.at("--write-embedding"));
+        std::printf("wrote %s\n", o.at("--write-embedding").c_str());
+    }
+    if (o.count("--write-landmarks")) {
+        std::string text;
+        char line[64];
+        for (const auto& p : r.faces[0].landmarks) {
+            std::snprintf(line, sizeof line, "%.3f %.3f\n", p[0] * 512.0 / size, p[1] * 512.0 / size);
+            text += line;
+        }
+        write_file(o.at("--write-landmarks"), std::vector<unsigned char>(text.begin(), text.end()));
+        std::printf("wrote %s\n", o.at("--write-landmarks").c_str());
+    }
     if (o.count("--landmarks")) w::draw_landmarks(r);
     const fs::path out = o.count("--out") ? fs::path(o.at("--out")) : fs::path("face.png");
     write_png(out, r);

@@ -70,6 +70,7 @@
 #pragma once
 
 #include <dynamicid/core/error.hpp>
+#include <dynamicid/modules/clip/image_processor.hpp>
 #include <dynamicid/modules/dynamicid/face_prompt.hpp>
 
 #include <algorithm>
@@ -1656,6 +1657,96 @@ inline void json_face(std::string& o, const face_spec& f, const face_truth& t) {
     o += '}';
 }
 }  // namespace detail
+
+/// The identity encoder's input for face `face` of a rendering: its box made
+/// square and 20% larger (clamped to the picture), resized (bicubic) to
+/// side x side, as (3, side, side) floats (v - 127.5) / 127.5. The identity
+/// encoder is trained and used on exactly these crops.
+inline std::vector<float> face_crop(const rendering& r, std::size_t face, int side) {
+    check(face < r.faces.size(), world_component, "face ", face, " of a rendering with ", r.faces.size());
+    check(side >= 1 && side <= 4096, world_component, "crop side ", side, " out of range");
+    const auto& box = r.faces[face].box;
+    const double cx = (box[0] + box[2]) / 2, cy = (box[1] + box[3]) / 2;
+    const double half = 0.6 * std::max(box[2] - box[0], box[3] - box[1]);
+    const auto clamp_to = [](double v, long lo, long hi) { return std::clamp(std::lround(v), lo, hi); };
+    const long x0 = clamp_to(cx - half, 0, r.width - 1), y0 = clamp_to(cy - half, 0, r.height - 1);
+    const long x1 = clamp_to(cx + half, x0 + 1, r.width), y1 = clamp_to(cy + half, y0 + 1, r.height);
+    modules::clip::image_u8 crop;
+    crop.height = y1 - y0;
+    crop.width = x1 - x0;
+    crop.pixels.reserve(static_cast<std::size_t>(crop.height * crop.width * 3));
+    for (long y = y0; y < y1; ++y)
+        for (long x = x0; x < x1; ++x)
+            for (int c = 0; c < 3; ++c) crop.pixels.push_back(r.rgb[static_cast<std::size_t>((y * r.width + x) * 3 + c)]);
+    const auto resized = modules::clip::resize(crop, side, side);
+    std::vector<float> out;
+    out.reserve(static_cast<std::size_t>(3 * side * side));
+    for (int c = 0; c < 3; ++c)
+        for (long k = 0; k < static_cast<long>(side) * side; ++k)
+            out.push_back(static_cast<float>((resized.pixels[static_cast<std::size_t>(k * 3 + c)] - 127.5) / 127.5));
+    return out;
+}
+
+/// A whole rendering resized (bicubic) to side x side, as (3, side, side)
+/// floats (v - 127.5) / 127.5: the input of the scene classifiers (background).
+inline std::vector<float> image_input(const rendering& r, int side) {
+    check(side >= 1 && side <= 4096, world_component, "input side ", side, " out of range");
+    modules::clip::image_u8 img;
+    img.height = r.height;
+    img.width = r.width;
+    img.pixels = r.rgb;
+    const auto resized = modules::clip::resize(img, side, side);
+    std::vector<float> out;
+    out.reserve(static_cast<std::size_t>(3 * side * side));
+    for (int c = 0; c < 3; ++c)
+        for (long k = 0; k < static_cast<long>(side) * side; ++k)
+            out.push_back(static_cast<float>((resized.pixels[static_cast<std::size_t>(k * 3 + c)] - 127.5) / 127.5));
+    return out;
+}
+
+/// The attributes the evaluation's classifiers predict.
+enum class attribute : std::uint8_t { expression, yaw, pitch, accessories, background };
+
+inline attribute parse_attribute(std::string_view w) {
+    constexpr std::array<std::string_view, 5> n{"expression", "yaw", "pitch", "accessories", "background"};
+    for (std::size_t i = 0; i < n.size(); ++i)
+        if (n[i] == w) return static_cast<attribute>(i);
+    throw value_error(std::string(world_component), "unknown attribute '" + std::string(w) + "' (expression, yaw, pitch, accessories, background)");
+}
+inline std::string_view name(attribute a) {
+    constexpr std::array<std::string_view, 5> n{"expression", "yaw", "pitch", "accessories", "background"};
+    return n[static_cast<std::size_t>(a)];
+}
+/// Number of classes of an attribute (the enum's size).
+inline int classes_of(attribute a) {
+    constexpr std::array<int, 5> n{5, 3, 3, 4, 6};
+    return n[static_cast<std::size_t>(a)];
+}
+/// The class of face `face` of a scene for an attribute (background: the scene's).
+inline int label_of(const scene& s, std::size_t face, attribute a) {
+    check(face < s.faces.size(), world_component, "face ", face, " of a scene with ", s.faces.size());
+    const auto& f = s.faces[face];
+    switch (a) {
+        case attribute::expression: return static_cast<int>(f.motion.expression);
+        case attribute::yaw: return static_cast<int>(label_of_yaw(f.motion.yaw_degrees));
+        case attribute::pitch: return static_cast<int>(label_of_pitch(f.motion.pitch_degrees));
+        case attribute::accessories: return static_cast<int>(f.accessories);
+        case attribute::background: break;
+    }
+    return static_cast<int>(s.background);
+}
+/// The name of class `k` of an attribute ("happy", "left", "hat", "beach", ...).
+inline std::string_view class_name(attribute a, int k) {
+    check(k >= 0 && k < classes_of(a), world_component, "class ", k, " of ", name(a));
+    switch (a) {
+        case attribute::expression: return name(static_cast<expression>(k));
+        case attribute::yaw: return name(static_cast<yaw_label>(k));
+        case attribute::pitch: return name(static_cast<pitch_label>(k));
+        case attribute::accessories: return name(static_cast<accessories>(k));
+        case attribute::background: break;
+    }
+    return name(static_cast<background_kind>(k));
+}
 
 /// One JSON-lines manifest line for a rendered scene. Single-person lines
 /// carry what training::read_manifest reads ("image", "text", "person",

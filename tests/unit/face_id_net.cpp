@@ -559,3 +559,37 @@ TEST_CASE("face id: a resumed identity training run continues bit for bit", "[id
     CHECK_THROWS_AS(bad.train_step(ctx), dynamicid::shape_error);
     CHECK_THROWS_AS(training::id_trainer<cpu_backend>(ctx, blob_config(dir.path / "x", 1), {}), dynamicid::value_error);
 }
+
+TEST_CASE("face id: a state dict records its sizes and loads without them; bad records are clear errors", "[identity]") {
+    cpu_backend::context ctx{.threads = 1};
+    const auto cfg = tiny_config();
+    const net_t<float> net(ctx, cfg, net_t<float>::initial_params(ctx, cfg, 5));
+    const auto dir = fs::temp_directory_path() / ("dynamicid_face_id_file_" + std::to_string(::getpid()));
+    fs::create_directories(dir);
+    const auto file = dir / "net.safetensors";
+    net.state_dict(ctx).write(file);
+    const auto loaded = net_t<float>::load_file(ctx, file);
+    CHECK(loaded.settings().widths == cfg.widths);
+    CHECK(loaded.settings().blocks == cfg.blocks);
+    CHECK(loaded.settings().embedding_size == cfg.embedding_size);
+    const auto images = ops::randn<cpu_backend, float>(ctx, {2, cfg.in_channels, cfg.input_size, cfg.input_size}, 9);
+    CHECK(loaded.forward(ctx, images).to_host(ctx) == net.forward(ctx, images).to_host(ctx));
+
+    // No record, a broken record, a record of other sizes.
+    const auto rewrite = [&](const char* name, const char* value) {
+        dynamicid::io::safetensors_writer w;
+        const auto f = dynamicid::io::safetensors_file::open(file);
+        for (const auto& n : f.names()) w.add(n, f.info(n).dims, f.to_vector<float>(n));
+        if (value) w.set_metadata(name, value);
+        const auto out = dir / "rewritten.safetensors";
+        w.write(out);
+        return out;
+    };
+    CHECK_THROWS_AS(net_t<float>::load_file(ctx, rewrite("face_id_net_config", nullptr)), dynamicid::io_error);
+    CHECK_THROWS_AS(net_t<float>::load_file(ctx, rewrite("face_id_net_config", "{not json")), dynamicid::value_error);
+    CHECK_THROWS_AS(net_t<float>::load_file(ctx, rewrite("face_id_net_config", R"({"widths": [4], "blocks": [1, 1]})")), dynamicid::value_error);
+    CHECK_THROWS_AS(net_t<float>::load_file(ctx, rewrite("face_id_net_config", R"({"widths": [-4, 8]})")), dynamicid::value_error);
+    CHECK_THROWS_AS(net_t<float>::load_file(ctx, rewrite("face_id_net_config", R"({"embedding_size": 7})")), dynamicid::io_error);
+    CHECK_THROWS_AS(net_t<float>::load_file(ctx, dir / "absent.safetensors"), dynamicid::io_error);
+    fs::remove_all(dir);
+}

@@ -24,6 +24,11 @@
 //     auto net = net_t::load(ctx, dynamicid::modules::weight_source::open({"face_id_net.safetensors"}), cfg);
 //     auto embedding = net.forward(ctx, images);          // (N, 3, 64, 64) -> (N, 128)
 //
+// state_dict() records the sizes in the file's metadata ("face_id_net_config",
+// JSON), so a file written by the library loads without them:
+//
+//     auto net = net_t::load_file(ctx, "face_id_net.safetensors");
+//
 // Training: like torch, the module has a mode. In training mode (train())
 // forward_train normalises with the batch's statistics (biased variance) and
 // moves the running statistics towards them (momentum 0.1, unbiased variance);
@@ -46,7 +51,10 @@
 #include <dynamicid/modules/weights.hpp>
 #include <dynamicid/ops.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <cmath>
+#include <filesystem>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -86,6 +94,35 @@ struct face_id_net_config {
         for (std::size_t i = 0; i < widths.size(); ++i) need(widths[i] >= 1 && blocks[i] >= 1, "config: stage ", i, " needs width and blocks >= 1");
         need(std::isfinite(batch_norm_eps) && batch_norm_eps >= 0.0, "config: batch_norm_eps must be >= 0");
         need(batch_norm_momentum >= 0.0 && batch_norm_momentum <= 1.0, "config: batch_norm_momentum must be in [0, 1]");
+    }
+
+    /// The sizes as JSON (the "face_id_net_config" metadata value).
+    std::string to_json() const {
+        nlohmann::json j{{"input_size", input_size},        {"in_channels", in_channels},       {"widths", widths},
+                         {"blocks", blocks},                {"embedding_size", embedding_size}, {"batch_norm_eps", batch_norm_eps},
+                         {"batch_norm_momentum", batch_norm_momentum}};
+        return j.dump();
+    }
+    /// Parses to_json()'s text (absent keys keep their defaults); a value_error names what is wrong.
+    static face_id_net_config from_json(std::string_view text) {
+        face_id_net_config c;
+        try {
+            const auto j = nlohmann::json::parse(text);
+            check<value_error>(j.is_object(), "face_id_net", "config: not a JSON object");
+            c.input_size = j.value("input_size", c.input_size);
+            c.in_channels = j.value("in_channels", c.in_channels);
+            c.widths = j.value("widths", c.widths);
+            c.blocks = j.value("blocks", c.blocks);
+            c.embedding_size = j.value("embedding_size", c.embedding_size);
+            c.batch_norm_eps = j.value("batch_norm_eps", c.batch_norm_eps);
+            c.batch_norm_momentum = j.value("batch_norm_momentum", c.batch_norm_momentum);
+        } catch (const nlohmann::json::exception& e) {
+            throw value_error("face_id_net", std::string("config: ") + e.what());
+        }
+        for (const auto v : c.widths) check<value_error>(v >= 1 && v <= 65536, "face_id_net", "config: a width of ", v);
+        check<value_error>(c.input_size <= 4096 && c.embedding_size <= 65536, "face_id_net", "config: sizes out of range");
+        c.validate();
+        return c;
     }
 };
 
@@ -260,6 +297,16 @@ public:
         auto p = bind(b, cfg);
         b.finish();
         return face_id_net(ctx, cfg, std::move(p));
+    }
+
+    /// Loads a file written by state_dict(): the sizes come from its
+    /// "face_id_net_config" metadata (an io_error when it has none).
+    static face_id_net load_file(context_t<B>& ctx, const std::filesystem::path& path) {
+        const auto file = io::safetensors_file::open(path);
+        const auto it = file.metadata().find("face_id_net_config");
+        check<io_error>(it != file.metadata().end(), "face_id_net", "'", path.string(),
+                        "' records no face_id_net_config; load it with face_id_net::load and the sizes it was trained with");
+        return load(ctx, weight_source::open({path}), config::from_json(it->second));
     }
 
     /// insightface's initialisation, drawn from Philox streams keyed by (seed,
@@ -460,6 +507,7 @@ public:
         io::safetensors_writer w;
         visit(params_, [&](const std::string& k, const tensor_type& t) { w.add(ctx, k, t); }, true, true);
         w.set_metadata("format", "pt");
+        w.set_metadata("face_id_net_config", config_.to_json());
         return w;
     }
 
