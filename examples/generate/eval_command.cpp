@@ -14,9 +14,10 @@
 // prompt, and its face prompt is the edit. Rows: the full method, without SAA
 // gating, without the IMR (no edit: the reference's tokens), and the world's
 // own rendering of the asked scene (what the classifiers score on truth).
-// Two identities: pairs of held-out persons in the world's two-person layout,
-// with their boxes and with the whole picture for both; leakage is the
-// cosine of each face with the other person's reference.
+// Two identities: pairs of held-out persons side by side in a picture twice as
+// wide (each half composed like a training picture), with their boxes and
+// with the whole picture for both; leakage is the cosine of each face with
+// the other person's reference.
 #include "eval_command.hpp"
 
 #include "default_model.hpp"
@@ -257,37 +258,54 @@ int evaluate(int argc, char** argv) {
     for (long long k = 0; k < pairs; ++k) {
         const auto& a = people[static_cast<std::size_t>(2 * k)];
         const auto& b = people[static_cast<std::size_t>(2 * k + 1)];
-        const auto scene = w::sample_two_person_scene(first + static_cast<std::uint64_t>(2 * k), first + static_cast<std::uint64_t>(2 * k + 1),
-                                                      static_cast<std::uint64_t>(k), seed);
-        const auto truth = w::render(scene, size, size);
+        auto scene = w::sample_two_person_scene(first + static_cast<std::uint64_t>(2 * k), first + static_cast<std::uint64_t>(2 * k + 1),
+                                                static_cast<std::uint64_t>(k), seed);
+        // A picture twice as wide, each half composed like the single-person training pictures.
+        for (std::size_t j = 0; j < 2; ++j) {
+            scene.faces[j].center_x = j == 0 ? 0.25 : 0.75;
+            scene.faces[j].center_y = 0.44;
+            scene.faces[j].scale = 0.42;
+        }
+        const auto truth = w::render(scene, 2 * size, size);
         std::vector<std::vector<std::uint8_t>> row{a.reference.rgb, b.reference.rgb};
+        // Wide pictures go into the sheet as their left and right halves.
+        const auto halves = [&](const std::vector<std::uint8_t>& rgb) {
+            std::array<std::vector<std::uint8_t>, 2> h;
+            for (int part = 0; part < 2; ++part)
+                for (int y = 0; y < size; ++y)
+                    h[static_cast<std::size_t>(part)].insert(h[static_cast<std::size_t>(part)].end(),
+                                                             rgb.begin() + (y * 2 * size + part * size) * 3,
+                                                             rgb.begin() + (y * 2 * size + part * size + size) * 3);
+            return h;
+        };
         for (const bool boxes : {true, false}) {
             std::vector<dynamicid::pipelines::dynamicid_identity> who(2);
             for (int j = 0; j < 2; ++j) {
                 const auto& p = j == 0 ? a : b;
                 who[static_cast<std::size_t>(j)].arcface = p.embedding;
                 who[static_cast<std::size_t>(j)].reference = dynamicid::modules::clip::image_u8{.height = size, .width = size, .pixels = p.reference.rgb};
-                who[static_cast<std::size_t>(j)].box = boxes ? saa_box(truth.faces[static_cast<std::size_t>(j)], size, size, 1.6)
+                who[static_cast<std::size_t>(j)].box = boxes ? saa_box(truth.faces[static_cast<std::size_t>(j)], 2 * size, size, 1.6)
                                                              : dynamicid::modules::saa::box{};
             }
             auto o = base_options(w::scene_caption(scene), seed + 7919 + static_cast<std::uint64_t>(k));
+            o.width = 2 * size;
             o.infer_scale = 2.0;  // the paper's beta for several identities
             const auto result = pipe.generate(ctx, o, who);
-            const auto pic = as_rendering(result.image(0), size, size, truth);
+            const auto pic = as_rendering(result.image(0), 2 * size, size, truth);
             const std::string name = boxes ? "two_boxes" : "two_no_boxes";
             for (std::size_t j = 0; j < 2; ++j) {
                 const auto e = ids.embed(pic, j);
                 acc.add(name + "/facesim", cosine(e, (j == 0 ? a : b).embedding));
                 acc.add(name + "/leak", cosine(e, (j == 0 ? b : a).embedding));
             }
-            row.push_back(pic.rgb);
+            for (auto& h : halves(pic.rgb)) row.push_back(std::move(h));
         }
         for (std::size_t j = 0; j < 2; ++j) {
             const auto e = ids.embed(truth, j);
             acc.add("two_world/facesim", cosine(e, (j == 0 ? a : b).embedding));
             acc.add("two_world/leak", cosine(e, (j == 0 ? b : a).embedding));
         }
-        row.push_back(truth.rgb);
+        for (auto& h : halves(truth.rgb)) row.push_back(std::move(h));
         if (k < 8) sheet2.push_back(std::move(row));
     }
     write_sheet(out / "two.png", sheet2, size);

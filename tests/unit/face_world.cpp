@@ -318,3 +318,58 @@ TEST_CASE("world rejects bad sizes, labels and angles with world errors", "[worl
     CHECK(parse_yaw("left") == yaw_label::left);
     CHECK(parse_accessories("both") == accessories::both);
 }
+
+TEST_CASE("world face crops and whole-picture inputs feed the identity encoder and classifiers", "[world]") {
+    const auto s = sample_scene(12, 3, 0);
+    const auto r = render(s, 64, 64);
+    const auto crop = face_crop(r, 0, 32);
+    REQUIRE(crop.size() == 3u * 32 * 32);
+    const auto whole = image_input(r, 16);
+    REQUIRE(whole.size() == 3u * 16 * 16);
+    for (const float v : crop) REQUIRE((v >= -1.0f && v <= 1.0f));
+    // The crop is the face: its centre pixel is the centre of the box, resampled.
+    const auto& box = r.faces[0].box;
+    const int cx = static_cast<int>((box[0] + box[2]) / 2), cy = static_cast<int>((box[1] + box[3]) / 2);
+    const double at_centre = (r.rgb[static_cast<std::size_t>((cy * 64 + cx) * 3)] - 127.5) / 127.5;
+    CHECK(crop[16 * 32 + 16] == Approx(at_centre).margin(0.25));
+    // A picture of one colour gives that colour everywhere.
+    rendering flat = r;
+    std::fill(flat.rgb.begin(), flat.rgb.end(), std::uint8_t{255});
+    for (const float v : face_crop(flat, 0, 8)) CHECK(v == Approx(1.0f));
+    for (const float v : image_input(flat, 8)) CHECK(v == Approx(1.0f));
+    // Boxes at the border are clamped, never read outside the picture.
+    rendering edge = r;
+    edge.faces[0].box = {-30.0, -30.0, 5.0, 5.0};
+    CHECK(face_crop(edge, 0, 8).size() == 3u * 8 * 8);
+    edge.faces[0].box = {60.0, 60.0, 200.0, 200.0};
+    CHECK(face_crop(edge, 0, 8).size() == 3u * 8 * 8);
+    CHECK_THROWS_AS(face_crop(r, 1, 8), dynamicid::value_error);
+    CHECK_THROWS_AS(face_crop(r, 0, 0), dynamicid::value_error);
+    CHECK_THROWS_AS(image_input(r, 0), dynamicid::value_error);
+}
+
+TEST_CASE("world attribute labels match the scene and its caption", "[world]") {
+    for (std::uint64_t k = 0; k < 40; ++k) {
+        const auto s = sample_scene(k, k + 1, 2);
+        const auto& f = s.faces[0];
+        CHECK(label_of(s, 0, attribute::expression) == static_cast<int>(f.motion.expression));
+        CHECK(label_of(s, 0, attribute::accessories) == static_cast<int>(f.accessories));
+        CHECK(label_of(s, 0, attribute::background) == static_cast<int>(s.background));
+        const auto caption = scene_caption(s);
+        CHECK(caption.find(std::string(class_name(attribute::expression, label_of(s, 0, attribute::expression)))) != std::string::npos);
+        const auto yaw = label_of(s, 0, attribute::yaw);
+        CHECK(caption.find(yaw == static_cast<int>(yaw_label::front) ? "front view" : "side view") != std::string::npos);
+        const auto pitch = static_cast<pitch_label>(label_of(s, 0, attribute::pitch));
+        CHECK((caption.find("facing up") != std::string::npos) == (pitch == pitch_label::up));
+        CHECK((caption.find("facing down") != std::string::npos) == (pitch == pitch_label::down));
+    }
+    for (const auto a : {attribute::expression, attribute::yaw, attribute::pitch, attribute::accessories, attribute::background}) {
+        CHECK(parse_attribute(name(a)) == a);
+        for (int k = 0; k < classes_of(a); ++k) CHECK(!class_name(a, k).empty());
+        CHECK_THROWS_AS(class_name(a, classes_of(a)), dynamicid::value_error);
+    }
+    CHECK(classes_of(attribute::expression) == 5);
+    CHECK(classes_of(attribute::background) == 6);
+    CHECK_THROWS_AS(parse_attribute("mood"), dynamicid::value_error);
+    CHECK_THROWS_AS(label_of(sample_scene(1, 1, 1), 1, attribute::yaw), dynamicid::value_error);
+}

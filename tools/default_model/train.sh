@@ -32,7 +32,10 @@ scale="${SCALE:-1}"
 
 mkdir -p "$work"
 cd "$work"
-if [[ ! -d model ]]; then cp -r "$here/model" model; fi
+if [[ ! -d model ]]; then
+    cp -r "$here/model" model
+    cp -r "$root/tests/data/tiny_sd/diffusers/tokenizer" model/tokenizer  # SD1.5's CLIP tokenizer files
+fi
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" | tee -a timings.log; }
 
 # A config with its "steps" multiplied by $2.
