@@ -123,13 +123,7 @@ int train_identity(const nlohmann::json& j, int threads_override) {
         cfg.margin.scale = j.value("scale", cfg.margin.scale);
         cfg.margin.margin = j.value("margin", cfg.margin.margin);
         if (threads <= 0) threads = j.value("threads", 0);
-        if (j.contains("net")) {
-            const auto& n = j.at("net");
-            cfg.net.input_size = n.value("input_size", cfg.net.input_size);
-            cfg.net.widths = n.value("widths", cfg.net.widths);
-            cfg.net.blocks = n.value("blocks", cfg.net.blocks);
-            cfg.net.embedding_size = n.value("embedding_size", cfg.net.embedding_size);
-        }
+        if (j.contains("net")) cfg.net = dynamicid::modules::identity::face_id_net_config::from_json(j.at("net").dump());
     } catch (const nlohmann::json::exception& e) {
         throw dynamicid::value_error("train", std::string("config: ") + e.what());
     }

@@ -1658,6 +1658,19 @@ inline void json_face(std::string& o, const face_spec& f, const face_truth& t) {
 }
 }  // namespace detail
 
+namespace detail {
+/// An RGB8 picture resized (bicubic) to side x side, as (3, side, side) floats (v - 127.5) / 127.5.
+inline std::vector<float> planar_input(const modules::clip::image_u8& img, int side) {
+    const auto resized = modules::clip::resize(img, side, side);
+    std::vector<float> out;
+    out.reserve(static_cast<std::size_t>(3 * side * side));
+    for (int c = 0; c < 3; ++c)
+        for (long k = 0; k < static_cast<long>(side) * side; ++k)
+            out.push_back(static_cast<float>((resized.pixels[static_cast<std::size_t>(k * 3 + c)] - 127.5) / 127.5));
+    return out;
+}
+}  // namespace detail
+
 /// The identity encoder's input for face `face` of a rendering: its box made
 /// square and 20% larger (clamped to the picture), resized (bicubic) to
 /// side x side, as (3, side, side) floats (v - 127.5) / 127.5. The identity
@@ -1678,13 +1691,7 @@ inline std::vector<float> face_crop(const rendering& r, std::size_t face, int si
     for (long y = y0; y < y1; ++y)
         for (long x = x0; x < x1; ++x)
             for (int c = 0; c < 3; ++c) crop.pixels.push_back(r.rgb[static_cast<std::size_t>((y * r.width + x) * 3 + c)]);
-    const auto resized = modules::clip::resize(crop, side, side);
-    std::vector<float> out;
-    out.reserve(static_cast<std::size_t>(3 * side * side));
-    for (int c = 0; c < 3; ++c)
-        for (long k = 0; k < static_cast<long>(side) * side; ++k)
-            out.push_back(static_cast<float>((resized.pixels[static_cast<std::size_t>(k * 3 + c)] - 127.5) / 127.5));
-    return out;
+    return detail::planar_input(crop, side);
 }
 
 /// A whole rendering resized (bicubic) to side x side, as (3, side, side)
@@ -1695,13 +1702,7 @@ inline std::vector<float> image_input(const rendering& r, int side) {
     img.height = r.height;
     img.width = r.width;
     img.pixels = r.rgb;
-    const auto resized = modules::clip::resize(img, side, side);
-    std::vector<float> out;
-    out.reserve(static_cast<std::size_t>(3 * side * side));
-    for (int c = 0; c < 3; ++c)
-        for (long k = 0; k < static_cast<long>(side) * side; ++k)
-            out.push_back(static_cast<float>((resized.pixels[static_cast<std::size_t>(k * 3 + c)] - 127.5) / 127.5));
-    return out;
+    return detail::planar_input(img, side);
 }
 
 /// The attributes the evaluation's classifiers predict.
