@@ -560,7 +560,7 @@ TEST_CASE("face id: a resumed identity training run continues bit for bit", "[id
     CHECK_THROWS_AS(training::id_trainer<cpu_backend>(ctx, blob_config(dir.path / "x", 1), {}), dynamicid::value_error);
 }
 
-TEST_CASE("face id: a state dict records its sizes and loads without them; bad records are clear errors", "[identity]") {
+TEST_CASE("face id: a state dict records its sizes and loads without them, and bad records are clear errors", "[identity]") {
     cpu_backend::context ctx{.threads = 1};
     const auto cfg = tiny_config();
     const net_t<float> net(ctx, cfg, net_t<float>::initial_params(ctx, cfg, 5));
