@@ -4,6 +4,7 @@
 #include <matrix/all.hpp>
 
 #include <dynamicid/backends/cuda.cuh>
+#include <dynamicid/modules/dynamicid/saa.hpp>
 
 #include <cmath>
 #include <string>
@@ -121,4 +122,60 @@ TEST_CASE("cuda: device failures become cuda_error with a cuda-prefixed message"
     }
     // The context stays usable afterwards.
     CHECK(tensor<cuda_backend, float>::full(ctx, {3}, 1.0f).to_host(ctx) == std::vector<float>(3, 1.0f));
+}
+
+namespace {
+
+/// The device SAA gate against the host reference (normalise_activation, then
+/// apply_layout_boost) on the same rounded inputs, in element type H.
+template <class H>
+void check_saa_gate(bool tied, double tol) {
+    namespace saa = dynamicid::modules::saa;
+    cuda_backend::context ctx;
+    const index_t batch = 2, hidden = 40;
+    const saa::grid_shape grid{12, 16};
+    const index_t queries = grid.height * grid.width;
+    auto q = testing::round_to<H>(dynamicid::matrix::host_normal(static_cast<std::size_t>(batch * queries * hidden), 9300));
+    const auto keys = testing::round_to<H>(dynamicid::matrix::host_normal(static_cast<std::size_t>(batch * hidden), 9301));
+    if (tied) std::fill(q.begin(), q.begin() + queries * hidden, 0.0);  // batch element 0: every query ties
+    const std::vector<saa::box> boxes{{0.0, 0.0, 1.0, 0.5}, {0.25, 0.4, 0.9, 1.0}};  // overlapping columns
+    const double scale = 1.0 / std::sqrt(8.0), threshold = 0.3, beta = 2.0;
+
+    std::vector<double> sums(static_cast<std::size_t>(batch * queries));
+    for (index_t b = 0; b < batch; ++b)
+        for (index_t n = 0; n < queries; ++n) {
+            double dot = 0;
+            for (index_t i = 0; i < hidden; ++i)
+                dot += q[static_cast<std::size_t>((b * queries + n) * hidden + i)] * keys[static_cast<std::size_t>(b * hidden + i)];
+            sums[static_cast<std::size_t>(b * queries + n)] = scale * dot;
+        }
+    const auto normalized = saa::normalise_activation(sums, batch, threshold);
+    auto weights = normalized;
+    saa::apply_layout_boost(weights, batch, grid, boxes, beta);
+
+    dynamicid::saa_gate_desc d{.batch = batch, .queries = queries, .hidden = hidden, .grid_height = grid.height, .grid_width = grid.width,
+                               .scale = scale, .threshold = threshold, .beta = beta, .boxes = 2};
+    for (std::size_t i = 0; i < boxes.size(); ++i) {
+        const auto c = saa::to_cells(boxes[i], grid);
+        d.cells[i] = {c.y0, c.x0, c.y1, c.x1};
+    }
+    const auto dq = testing::upload<cuda_backend, H>(ctx, {batch, queries, hidden}, q);
+    const auto dk = testing::upload<cuda_backend, H>(ctx, {batch, hidden}, keys);
+    auto gate = tensor<cuda_backend, H>::empty(ctx, {batch, queries});
+    auto norm = tensor<cuda_backend, float>::empty(ctx, {batch, queries});
+    cuda_backend::saa_gate(ctx, d, dq.data(), dk.data(), gate.data(), norm.data());
+    testing::check_close("saa gate normalized", testing::download(ctx, norm), normalized, tol, tol);
+    testing::check_close("saa gate weights", testing::download(ctx, gate), weights, tol, tol);
+    if (tied) {
+        const auto n = testing::download(ctx, norm);
+        CHECK(std::all_of(n.begin(), n.begin() + queries, [](double v) { return v == 0.0; }));
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cuda: the device SAA gate matches the host reference", "[cuda][saa]") {
+    check_saa_gate<float>(false, 1e-5);
+    check_saa_gate<float>(true, 1e-5);
+    check_saa_gate<dynamicid::half>(false, 2e-3);
 }

@@ -47,6 +47,27 @@ void test_group_norm_forward() {
                 detail::naive_normalise(x, n * groups, cg * spatial, 1e-5, gamma, beta, feature), 1e-5, 1e-4);
     check_close("group_norm forward without affine", testing::download(ctx, ops::group_norm<B, float>(ctx, dx, groups, nullptr, nullptr)),
                 detail::naive_normalise(x, n * groups, cg * spatial, 1e-5, {}, {}, feature), 1e-5, 1e-4);
+
+    // Few long segments (a large feature map): backends may split each over
+    // several workers. An offset of 3 tests that the variance survives it.
+    const index_t long_groups = 4, long_c = 8, long_cg = long_c / long_groups, long_spatial = 64 * 128;
+    const shape ls{n, long_c, 64, 128};
+    auto lx = host_normal(static_cast<std::size_t>(ls.numel()), 1004);
+    for (auto& v : lx) v = 3.0 + 0.5 * v;
+    const auto lgamma = host_normal(static_cast<std::size_t>(long_c), 1005), lbeta = host_normal(static_cast<std::size_t>(long_c), 1006);
+    const auto ldx = testing::upload<B, float>(ctx, ls, lx);
+    const auto ldg = testing::upload<B, float>(ctx, {long_c}, lgamma), ldb = testing::upload<B, float>(ctx, {long_c}, lbeta);
+    const auto long_feature = [&](index_t seg, index_t i) { return (seg % long_groups) * long_cg + i / long_spatial; };
+    const auto [ly, saved] = ops::group_norm_forward(ctx, ldx, long_groups, &ldg, &ldb);
+    check_close("group_norm forward, long segments", testing::download(ctx, ly),
+                detail::naive_normalise(lx, n * long_groups, long_cg * long_spatial, 1e-5, lgamma, lbeta, long_feature), 1e-4, 1e-3);
+    const auto means = testing::download(ctx, saved.mean);
+    for (index_t seg = 0; seg < n * long_groups; ++seg) {
+        double mean = 0;
+        for (index_t i = 0; i < long_cg * long_spatial; ++i) mean += lx[static_cast<std::size_t>(seg * long_cg * long_spatial + i)];
+        mean /= static_cast<double>(long_cg * long_spatial);
+        CHECK(std::abs(means[static_cast<std::size_t>(seg)] - mean) < 1e-5);
+    }
 }
 
 /// group_norm backward with affine (input, gamma, beta) and without (input).

@@ -18,7 +18,9 @@
 # allocator, goldens), dynamicid_bench_cuda (fused attention alone and one
 # SD1.5 UNet evaluation, f16, batch 2, 512x512), and the PyTorch baseline
 # (tools/bench/pytorch_cuda_baseline.py: SDPA and the diffusers UNet). Logs and
-# summary.txt go to $OUT (default ./device-out). About 4-6 minutes in all.
+# summary.txt go to $OUT (default ./device-out). About 1-2 minutes in all with
+# staged programs (64 s on an H200). PROFILE=1 adds per-kernel times of the
+# UNet benchmark from Nsight Compute ($OUT/ncu.csv).
 #
 # The diffusers UNet baseline needs diffusers on the device: carry its wheel
 # (.whl/diffusers-*.whl, see the device notes) and it is installed to
@@ -64,10 +66,19 @@ step() {
 }
 
 # Libraries: the toolkit's, cuDNN from the Python wheel PyTorch uses, and what was staged.
-cudnn_lib="$(python3 -c 'import os, nvidia.cudnn as m; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null || true)"
-export LD_LIBRARY_PATH="$repo/.devbuild/lib:${cudnn_lib}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+# Python wheel libraries (cuDNN, cuBLAS) as a fallback behind the toolkit's own.
+wheel_libs="$(python3 -c 'import os, importlib
+for name in ("nvidia.cudnn", "nvidia.cublas", "nvidia.cu13"):
+    try:
+        m = importlib.import_module(name)
+        for p in m.__path__:
+            for sub in ("lib", "lib64"):
+                if os.path.isdir(os.path.join(p, sub)): print(os.path.join(p, sub))
+    except Exception:
+        pass' 2>/dev/null | paste -sd: -)"
+export LD_LIBRARY_PATH="$repo/.devbuild/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:${wheel_libs}:${LD_LIBRARY_PATH:-}"
 
-step info 30 bash -c 'nvidia-smi; nvcc --version; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"'
+step info 30 bash -c 'nvidia-smi; nvcc --version; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; [ -x .devbuild/dynamicid_cuda_tests ] && ldd .devbuild/dynamicid_cuda_tests | grep -E "cud|not found"'
 
 if [ -x .devbuild/dynamicid_cuda_tests ]; then
     # The tests read goldens from the source path compiled in: make it exist.
@@ -87,16 +98,21 @@ else
 fi
 
 if [ "${tests[0]}" = "ctest" ]; then
-    step tests 200 "${tests[@]}"
+    step tests 150 "${tests[@]}"
 else
-    step tests 200 "${tests[@]}" --durations yes
+    step tests 150 "${tests[@]}" --durations yes
 fi
-step bench 120 "$bench" --iters 10
+step bench 90 "$bench" --iters 10
 
 if ls .whl/*.whl > /dev/null 2>&1; then
-    step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    step wheels 40 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-step torch 120 env PYTHONUNBUFFERED=1 python3 tools/bench/pytorch_cuda_baseline.py --iters 10
+step torch 100 env PYTHONUNBUFFERED=1 python3 tools/bench/pytorch_cuda_baseline.py --iters 10
+
+# Optional per-kernel times of one UNet evaluation (Nsight Compute; PROFILE=1).
+if [ "${PROFILE:-0}" = 1 ] && command -v ncu > /dev/null; then
+    step profile 150 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu.csv" "$bench" unet --iters 2
+fi
 
 echo "== done in $SECONDS s" | tee -a "$summary"

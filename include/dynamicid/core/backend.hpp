@@ -139,6 +139,14 @@ concept has_fused_attention = backend<B> && requires(context_t<B>& ctx, const_po
     B::attention_forward(ctx, batch, lq, lk, d, dv, scale, cp, cp, cp, p);
 };
 
+/// Optional capability: the SAA gate (saa_gate_desc) on the device, so a gated
+/// identity branch never waits for the host. `normalized` (f32, may be null)
+/// receives the thresholded min-max weights before the layout boost.
+///   q (batch, queries, hidden), key_sum (batch, hidden) -> gate (batch, queries)
+template <class B, class T = float>
+concept has_saa_gate = backend<B> && requires(context_t<B>& ctx, const saa_gate_desc& d, const_pointer_t<B, T> cp, pointer_t<B, T> p,
+                                              pointer_t<B, float> f) { B::saa_gate(ctx, d, cp, cp, p, f); };
+
 /// Optional capability: asynchronous execution with events a caller may wait on.
 template <class B>
 concept has_async_events = backend<B> && requires(context_t<B>& ctx) {

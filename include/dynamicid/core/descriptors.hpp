@@ -100,4 +100,20 @@ struct upsample_desc {
     index_t n = 1, c = 0, h = 0, w = 0, factor = 2;
 };
 
+/// The gate of Semantic-Activated Attention's identity branch
+/// (modules/dynamicid/saa.hpp, eq. 2-3) for one call: per batch element, the
+/// activation of query n is scale * q[n] . key_sum (q (batch, queries,
+/// hidden), key_sum (batch, hidden): the identity keys summed over tokens);
+/// it is min-max normalised over the queries (all tied: 0), zeroed below
+/// `threshold`, divided by beta + 1, and then each box in turn maps the cells
+/// it covers (rows y0..y1, columns x0..x1 of the grid_height x grid_width
+/// grid, half-open) to w (beta + 1) + beta.
+struct saa_gate_desc {
+    static constexpr int max_boxes = 16;
+    index_t batch = 0, queries = 0, hidden = 0, grid_height = 0, grid_width = 0;
+    double scale = 1.0, threshold = 0.3, beta = 0.0;
+    int boxes = 0;
+    std::array<std::array<index_t, 4>, max_boxes> cells{};  ///< y0, x0, y1, x1 per box
+};
+
 }  // namespace dynamicid

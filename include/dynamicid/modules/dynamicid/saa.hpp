@@ -589,12 +589,36 @@ public:
         // Identity branch: S = q k_ip^T / sqrt(d), (B * heads, N, K).
         const double scale = 1.0 / std::sqrt(static_cast<double>(hidden_ / heads));
         const auto q_heads = split_heads(ctx, q, heads);
-        const auto k_ip = split_heads(ctx, ops::linear(ctx, id_states, params_.to_k_ip), heads);
+        const auto k_ip_flat = ops::linear(ctx, id_states, params_.to_k_ip);
+        const auto k_ip = split_heads(ctx, k_ip_flat, heads);
         const auto v_ip = split_heads(ctx, ops::linear(ctx, id_states, params_.to_v_ip), heads);
         auto scores = ops::matmul(ctx, q_heads, k_ip, false, true, scale);
 
         tensor_type gate;
-        if (c.activate_query) {
+        if constexpr (has_saa_gate<B, T>) {
+            // On the device (no host round trip): sum over heads and tokens of
+            // the scores = q . (keys summed over tokens).
+            if (c.activate_query && boxes.size() <= static_cast<std::size_t>(saa_gate_desc::max_boxes)) {
+                saa_gate_desc d{.batch = batch, .queries = queries, .hidden = hidden_, .grid_height = grid.height, .grid_width = grid.width,
+                                .scale = scale, .threshold = c.threshold, .beta = beta, .boxes = static_cast<int>(boxes.size())};
+                for (std::size_t i = 0; i < boxes.size(); ++i) {
+                    const auto cell = to_cells(boxes[i], grid);
+                    d.cells[i] = {cell.y0, cell.x0, cell.y1, cell.x1};
+                }
+                const auto key_sum = ops::sum(ctx, k_ip_flat, {1});
+                gate = tensor_type::empty(ctx, {batch, queries, 1});
+                tensor<B, float> normalized;
+                if (c.on_activation) normalized = tensor<B, float>::empty(ctx, {batch, queries});
+                B::saa_gate(ctx, d, q.data(), key_sum.data(), gate.data(), normalized.defined() ? normalized.data() : pointer_t<B, float>{});
+                if (c.on_activation) {
+                    const auto weights = gate.to_host(ctx);
+                    activation_record r{batch, grid, beta, normalized.to_host(ctx), std::vector<float>(weights.size())};
+                    std::transform(weights.begin(), weights.end(), r.weights.begin(), [](T v) { return static_cast<float>(v); });
+                    c.on_activation(r);
+                }
+            }
+        }
+        if (c.activate_query && !gate.defined()) {
             // w = sum over heads and identity tokens of the unmasked scores.
             const auto sums = ops::sum(ctx, scores.reshape({batch, heads, queries, id_tokens}), {1, 3}).to_host(ctx);
             const std::vector<double> sums_d(sums.begin(), sums.end());
@@ -608,7 +632,8 @@ public:
             }
             const std::vector<T> gate_host(weights.begin(), weights.end());
             gate = tensor_type::from_host(ctx, {batch, queries, 1}, gate_host);
-
+        }
+        if (c.activate_query) {
             if (mixing) {
                 std::vector<T> factors(static_cast<std::size_t>(id_tokens), static_cast<T>(1.0 - *c.mix_scale));
                 std::fill_n(factors.begin(), config_.tokens_per_id, static_cast<T>(*c.mix_scale));

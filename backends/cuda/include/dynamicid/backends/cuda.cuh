@@ -8,8 +8,11 @@
 // match the other backends bit for bit, and most GPUs run f64 slowly. Attention is
 // fused (has_fused_attention): a flash-attention style tensor-core kernel for
 // f16/bf16 with head dimension 40, 64, 80 or 160, a warp-per-row kernel for
-// the rest. Random numbers are the library's Philox streams, bit for bit the
-// CPU backend's.
+// the rest. SAA's identity-branch gate (has_saa_gate) is computed on the
+// device: min-max, threshold and layout boost without a host round trip.
+// Group normalisation of few, long segments splits each over several blocks.
+// Random numbers are the library's Philox streams, bit for bit the CPU
+// backend's.
 //
 // All work of a context is queued on its stream; nothing waits for the device
 // except copy_to_host (whose caller then synchronises) and synchronize().
@@ -35,6 +38,7 @@
 #include <dynamicid/backends/cuda/detail/memory.cuh>
 #include <dynamicid/backends/cuda/detail/norm.cuh>
 #include <dynamicid/backends/cuda/detail/pointwise.cuh>
+#include <dynamicid/backends/cuda/detail/saa.cuh>
 #include <dynamicid/core/backend.hpp>
 #include <dynamicid/core/error.hpp>
 
@@ -159,6 +163,27 @@ struct cuda_backend {
         cuda::detail::conv2d_backward_weight<T>(ctx.state(), ctx.allow_tf32, d, x, dy, dw, dbias);
     }
 
+    // ---- SAA gate (has_saa_gate) ----------------------------------------------
+
+    /// See saa_gate_desc; two launches on the context's stream, no host wait.
+    template <class T>
+        requires(!std::is_same_v<T, double>)
+    static void saa_gate(context& ctx, const saa_gate_desc& d, const T* q, const T* key_sum, T* gate, float* normalized) {
+        const index_t rows = d.batch * d.queries;
+        if (rows <= 0) return;
+        check<shape_error>(d.boxes >= 0 && d.boxes <= saa_gate_desc::max_boxes && d.grid_width > 0 &&
+                               d.grid_height * d.grid_width == d.queries,
+                           "cuda", "saa_gate: ", d.boxes, " boxes on a ", d.grid_height, " x ", d.grid_width, " grid for ", d.queries,
+                           " queries");
+        auto w = allocate<float>(ctx, static_cast<std::size_t>(rows));
+        const auto blocks = static_cast<unsigned>((rows + cuda::detail::saa_warps - 1) / cuda::detail::saa_warps);
+        cuda::detail::saa_activation_kernel<T><<<blocks, cuda::detail::saa_warps * 32, 0, ctx.queue()>>>(
+            rows, d.queries, d.hidden, static_cast<float>(d.scale), q, key_sum, w.data());
+        cuda::detail::check_launch("saa_activation_kernel");
+        cuda::detail::saa_gate_kernel<T><<<static_cast<unsigned>(d.batch), 1024, 0, ctx.queue()>>>(d, w.data(), gate, normalized);
+        cuda::detail::check_launch("saa_gate_kernel");
+    }
+
     // ---- attention (has_fused_attention) ------------------------------------
 
     /// out (batch, lq, dv) = softmax(scale q k^T) v for q (batch, lq, d), k (batch, lk, d), v (batch, lk, dv).
@@ -244,7 +269,12 @@ struct cuda_backend {
     static void unary_forward(context& ctx, unary_op op, std::size_t n, const T* x, T* y) {
         if (!n) return;
         const auto count = static_cast<index_t>(n);
-        cuda::detail::unary_forward_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(op, count, x, y);
+        const auto grid = cuda::detail::grid_for(count);
+        if (count < (index_t{1} << 31))
+            cuda::detail::unary_forward_kernel<T, std::uint32_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(
+                op, static_cast<std::uint32_t>(count), x, y);
+        else
+            cuda::detail::unary_forward_kernel<T, index_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(op, count, x, y);
         cuda::detail::check_launch("unary_forward_kernel");
     }
     /// dx = dy * f'(x), x being the forward's input.
@@ -260,7 +290,12 @@ struct cuda_backend {
     static void geglu_forward(context& ctx, const geglu_desc& d, const T* x, T* y) {
         const index_t count = d.rows * d.cols;
         if (count <= 0) return;
-        cuda::detail::geglu_forward_kernel<T><<<cuda::detail::grid_for(count), cuda::detail::block_threads, 0, ctx.queue()>>>(d.rows, d.cols, x, y);
+        const auto grid = cuda::detail::grid_for(count);
+        if (2 * count < (index_t{1} << 31))
+            cuda::detail::geglu_forward_kernel<T, std::uint32_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(
+                static_cast<std::uint32_t>(d.rows), static_cast<std::uint32_t>(d.cols), x, y);
+        else
+            cuda::detail::geglu_forward_kernel<T, index_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(d.rows, d.cols, x, y);
         cuda::detail::check_launch("geglu_forward_kernel");
     }
     template <class T>
@@ -276,7 +311,12 @@ struct cuda_backend {
         const auto box = cuda::detail::coalesce(binary_box(d), 3);
         const index_t n = cuda::detail::box_numel(box);
         if (n <= 0 || numel(d.rank, d.shape) == 0) return;
-        cuda::detail::binary_forward_kernel<T><<<cuda::detail::grid_for(n), cuda::detail::block_threads, 0, ctx.queue()>>>(op, box, n, a, b, y);
+        const auto grid = cuda::detail::grid_for(n);
+        if (cuda::detail::box_fits_u32(box, 3, n))
+            cuda::detail::binary_forward_kernel<T, std::uint32_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(
+                op, box, static_cast<std::uint32_t>(n), a, b, y);
+        else
+            cuda::detail::binary_forward_kernel<T, index_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(op, box, n, a, b, y);
         cuda::detail::check_launch("binary_forward_kernel");
     }
     /// da, db (either may be null) have the layouts of a and b; broadcast axes are summed.
@@ -379,7 +419,12 @@ struct cuda_backend {
             if (d.reduce[static_cast<std::size_t>(a)]) box.strides[1][static_cast<std::size_t>(a)] = 0;
         box = cuda::detail::coalesce(box, 2);
         const A scale = d.mean ? A(1) / static_cast<A>(count) : A(1);
-        cuda::detail::broadcast_scaled_kernel<T><<<cuda::detail::grid_for(n), cuda::detail::block_threads, 0, ctx.queue()>>>(box, n, scale, dy, dx);
+        const auto grid = cuda::detail::grid_for(n);
+        if (cuda::detail::box_fits_u32(box, 2, n))
+            cuda::detail::broadcast_scaled_kernel<T, std::uint32_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(
+                box, static_cast<std::uint32_t>(n), scale, dy, dx);
+        else
+            cuda::detail::broadcast_scaled_kernel<T, index_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(box, n, scale, dy, dx);
         cuda::detail::check_launch("broadcast_scaled_kernel");
     }
 
@@ -412,7 +457,12 @@ struct cuda_backend {
         }
         box = cuda::detail::coalesce(box, 2);
         const index_t n = cuda::detail::box_numel(box);
-        cuda::detail::strided_copy_kernel<T><<<cuda::detail::grid_for(n), cuda::detail::block_threads, 0, ctx.queue()>>>(box, n, src, dst, accumulate);
+        const auto grid = cuda::detail::grid_for(n);
+        if (cuda::detail::box_fits_u32(box, 2, n))
+            cuda::detail::strided_copy_kernel<T, std::uint32_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(
+                box, static_cast<std::uint32_t>(n), src, dst, accumulate);
+        else
+            cuda::detail::strided_copy_kernel<T, index_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(box, n, src, dst, accumulate);
         cuda::detail::check_launch("strided_copy_kernel");
     }
 
@@ -420,8 +470,14 @@ struct cuda_backend {
     static void upsample_nearest_forward(context& ctx, const upsample_desc& d, const T* x, T* y) {
         const index_t n = d.n * d.c * d.h * d.w * d.factor * d.factor;
         if (n <= 0) return;
-        cuda::detail::upsample_forward_kernel<T><<<cuda::detail::grid_for(n), cuda::detail::block_threads, 0, ctx.queue()>>>(
-            d.n * d.c, d.h, d.w, d.factor, x, y);
+        const auto grid = cuda::detail::grid_for(n);
+        if (n < (index_t{1} << 31))
+            cuda::detail::upsample_forward_kernel<T, std::uint32_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(
+                static_cast<std::uint32_t>(d.n * d.c), static_cast<std::uint32_t>(d.h), static_cast<std::uint32_t>(d.w),
+                static_cast<std::uint32_t>(d.factor), x, y);
+        else
+            cuda::detail::upsample_forward_kernel<T, index_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(d.n * d.c, d.h, d.w,
+                                                                                                                   d.factor, x, y);
         cuda::detail::check_launch("upsample_forward_kernel");
     }
     template <class T>
@@ -472,6 +528,37 @@ private:
     static void normalise_forward(context& ctx, const cuda::detail::norm_layout& layout, index_t segments, index_t len, double eps, const T* x,
                                   const T* gamma, const T* beta, T* y, accum_t<T>* mean, accum_t<T>* rstd) {
         if (segments <= 0 || len <= 0) return;
+        auto& state = ctx.state();
+        const index_t blocks_wanted = 2 * static_cast<index_t>(state.sm_count());
+        if (segments < blocks_wanted && len >= 8192) {
+            // Few long segments (group norm of a large feature map): one block each
+            // would leave most of the device idle. Statistics from chunks of
+            // several blocks, merged per segment, then one thread per value.
+            using A = accum_t<T>;
+            const index_t parts = std::min<index_t>((blocks_wanted + segments - 1) / segments, len / 4096);
+            const index_t chunk = (len + parts - 1) / parts;
+            auto part_mean = allocate<A>(ctx, static_cast<std::size_t>(segments * parts));
+            auto part_m2 = allocate<A>(ctx, static_cast<std::size_t>(segments * parts));
+            cuda::detail::device_buffer<A> own_mean, own_rstd;
+            if (!mean) mean = (own_mean = allocate<A>(ctx, static_cast<std::size_t>(segments))).data();
+            if (!rstd) rstd = (own_rstd = allocate<A>(ctx, static_cast<std::size_t>(segments))).data();
+            cuda::detail::segment_partial_kernel<T><<<dim3(static_cast<unsigned>(parts), static_cast<unsigned>(segments)), 256, 0, ctx.queue()>>>(
+                len, chunk, x, part_mean.data(), part_m2.data());
+            cuda::detail::check_launch("segment_partial_kernel");
+            cuda::detail::segment_combine_kernel<A><<<cuda::detail::grid_for(segments, 64), 64, 0, ctx.queue()>>>(
+                segments, parts, len, chunk, eps, part_mean.data(), part_m2.data(), mean, rstd);
+            cuda::detail::check_launch("segment_combine_kernel");
+            const index_t total = segments * len;
+            const auto grid = cuda::detail::grid_for(total);
+            if (total < (index_t{1} << 31))
+                cuda::detail::normalise_apply_kernel<T, std::uint32_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(
+                    layout, static_cast<std::uint32_t>(total), static_cast<std::uint32_t>(len), x, gamma, beta, mean, rstd, y);
+            else
+                cuda::detail::normalise_apply_kernel<T, index_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(
+                    layout, total, len, x, gamma, beta, mean, rstd, y);
+            cuda::detail::check_launch("normalise_apply_kernel");
+            return;
+        }
         cuda::detail::normalise_forward_kernel<T><<<row_grid(segments), len >= 8192 ? 512 : row_threads(len), 0, ctx.queue()>>>(
             layout, segments, len, eps, x, gamma, beta, y, mean, rstd);
         cuda::detail::check_launch("normalise_forward_kernel");
@@ -492,6 +579,7 @@ inline constexpr bool enable_backend<cuda_backend> = true;
 static_assert(backend<cuda_backend>, "cuda_backend must model dynamicid::backend");
 static_assert(supports_element<cuda_backend, half> && supports_element<cuda_backend, bfloat16>);
 static_assert(!supports_element<cuda_backend, double>);
+static_assert(has_saa_gate<cuda_backend, float> && has_saa_gate<cuda_backend, half> && has_saa_gate<cuda_backend, bfloat16>);
 static_assert(has_fused_attention<cuda_backend, float> && has_fused_attention<cuda_backend, half> &&
               has_fused_attention<cuda_backend, bfloat16>);
 static_assert(has_async_events<cuda_backend>);

@@ -5,9 +5,10 @@
 // exp(m_old - m_new)), so no lq x lk score matrix is ever stored.
 //
 // * flash_attention_kernel: f16/bf16 with d == dv in {40, 64, 80, 160}. A block
-//   of four warps owns 64 query rows (16 per warp); Q, then each K/V tile, sit
-//   in shared memory, S = Q K^T and O += P V run on tensor cores (wmma 16x16x16,
-//   f32 accumulation); the head dimension is zero-padded to a multiple of 16.
+//   of four warps owns 64 query rows (16 per warp) and streams K/V tiles
+//   through shared memory; S = Q K^T and O += P V run on tensor cores
+//   (mma.sync m16n8k16, f32 accumulation) with S, P and O held in registers;
+//   the head dimension of Q K^T is zero-padded to a multiple of 16.
 // * rowwise_attention_kernel: any element type and size (dv <= 256): one warp
 //   per query row, lane j scores key j of each 32-key tile, lanes own output
 //   columns. Exact in f32/f64; the path the tests' small shapes take.
@@ -16,7 +17,6 @@
 #include <dynamicid/backends/cuda/detail/common.cuh>
 #include <dynamicid/backends/cuda/detail/pointwise.cuh>
 
-#include <mma.h>
 
 #include <cstdint>
 
@@ -81,59 +81,89 @@ __global__ void __launch_bounds__(rowwise_warps * 32)
 }
 
 // ---- tensor cores: f16/bf16, fixed head dimension ---------------------------------------
+//
+// One warp owns 16 query rows and keeps everything of them in registers: the
+// Q operand, the scores S of the current key tile (mma.sync m16n8k16, f32
+// accumulators), the running max and sum, and O. The accumulator layout of S
+// is the A-operand layout of the next product, so P goes from S to P V
+// without touching shared memory. Only the K and V tiles are shared by the
+// block's four warps; V's operand is read with ldmatrix.trans. Thread
+// (g = lane / 4, t = lane % 4) holds rows g and g + 8, columns 2t and 2t + 1
+// of every 8-wide accumulator tile.
 
-template <class T> struct wmma_type;
-template <> struct wmma_type<half> {
-    using type = __half;
+template <class T> struct mma_type;
+template <> struct mma_type<half> {
+    __device__ static std::uint32_t pack(float lo, float hi) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<const std::uint32_t*>(&h);
+    }
     __device__ static std::uint16_t bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+    __device__ static void mma(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
 };
-template <> struct wmma_type<bfloat16> {
-    using type = __nv_bfloat16;
+template <> struct mma_type<bfloat16> {
+    __device__ static std::uint32_t pack(float lo, float hi) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<const std::uint32_t*>(&h);
+    }
     __device__ static std::uint16_t bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+    __device__ static void mma(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
 };
 
-/// Tile geometry for head dimension D.
+/// Tile geometry for head dimension D (a multiple of 8).
 template <int D>
 struct flash_geometry {
     static constexpr int warps = 4;
-    static constexpr int block_m = 16 * warps;            // query rows per block
-    static constexpr int block_n = D > 80 ? 32 : 64;      // keys per tile
-    static constexpr int dp = (D + 15) / 16 * 16;         // padded head dimension
-    static constexpr std::size_t align(std::size_t bytes) { return (bytes + 127) / 128 * 128; }
-    static constexpr std::size_t q_off = 0;
-    static constexpr std::size_t k_off = q_off + align(std::size_t{block_m} * dp * 2);
-    static constexpr std::size_t v_off = k_off + align(std::size_t{block_n} * dp * 2);
-    static constexpr std::size_t s_off = v_off + align(std::size_t{block_n} * dp * 2);
-    static constexpr std::size_t p_off = s_off + align(std::size_t{warps} * 16 * block_n * 4);
-    static constexpr std::size_t o_off = p_off + align(std::size_t{warps} * 16 * block_n * 2);
-    static constexpr std::size_t shared_bytes = o_off + align(std::size_t{warps} * 16 * dp * 4);
+    static constexpr int block_m = 16 * warps;         // query rows per block
+    static constexpr int block_n = D > 80 ? 32 : 64;   // keys per tile
+    static constexpr int dp = (D + 15) / 16 * 16;      // head dimension padded to the k step of 16
+    // Shared row stride in 16-bit values, = 8 (mod 64): the eight rows one
+    // load instruction touches fall in distinct banks, and rows stay 16-byte aligned.
+    static constexpr int stride = (dp - 8 + 63) / 64 * 64 + 8;
+    static constexpr std::size_t shared_bytes = std::size_t{4} * block_n * stride * 2;  // K and V tiles, two stages
 };
 
-/// rows x D 16-bit values from `src` (row stride D, `valid` rows exist) into
-/// `dst` (row stride DP), zero-filling missing rows and the padding columns.
-template <int D, int DP>
-__device__ __forceinline__ void load_tile(std::uint16_t* dst, const std::uint16_t* src, int rows, index_t valid, bool vectorised) {
-    if (vectorised) {  // D % 8 == 0 and 16-byte aligned rows: 8 values per load
+/// Keys [k0, k0 + rows) of `src` (row stride D) into `dst` (row stride S),
+/// zero rows past `valid`; columns D.. are left alone.
+template <int D, int S>
+__device__ __forceinline__ void load_kv_tile(std::uint16_t* dst, const std::uint16_t* src, int rows, index_t valid, bool vectorised) {
+    if (vectorised) {  // 16-byte aligned rows: 8 values per load
         constexpr int chunks = D / 8;
         for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
             const int r = idx / chunks, c = (idx - r * chunks) * 8;
             uint4 value = make_uint4(0, 0, 0, 0);
             if (r < valid) value = *reinterpret_cast<const uint4*>(src + static_cast<index_t>(r) * D + c);
-            *reinterpret_cast<uint4*>(dst + r * DP + c) = value;
+            *reinterpret_cast<uint4*>(dst + r * S + c) = value;
         }
     } else {
         for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
             const int r = idx / D, c = idx - r * D;
-            dst[r * DP + c] = r < valid ? src[static_cast<index_t>(r) * D + c] : std::uint16_t{0};
+            dst[r * S + c] = r < valid ? src[static_cast<index_t>(r) * D + c] : std::uint16_t{0};
         }
     }
-    if constexpr (DP > D) {
-        constexpr int pad = DP - D;
-        for (int idx = threadIdx.x; idx < rows * pad; idx += blockDim.x) {
-            const int r = idx / pad, c = D + (idx - r * pad);
-            dst[r * DP + c] = 0;
-        }
-    }
+}
+
+__device__ __forceinline__ std::uint32_t shared_address(const void* p) { return static_cast<std::uint32_t>(__cvta_generic_to_shared(p)); }
+
+/// 16 bytes global -> shared without passing through registers; zero-filled when !valid.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
+#endif
+}
+
+/// 2^x on the special-function unit (2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 /// Grid (ceil(lq / block_m), batch); 128 threads; geometry::shared_bytes of dynamic shared memory.
@@ -142,104 +172,170 @@ __global__ void __launch_bounds__(128)
     flash_attention_kernel(index_t lq, index_t lk, float scale_log2, const T* q_all, const T* k_all, const T* v_all, T* out_all,
                            bool vectorised) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    namespace wmma = nvcuda::wmma;
     using G = flash_geometry<D>;
-    using E = typename wmma_type<T>::type;
-    constexpr int BN = G::block_n, DP = G::dp;
+    using M = mma_type<T>;
+    constexpr int BN = G::block_n, DP = G::dp, S = G::stride;
+    constexpr int KC = DP / 16;  // k steps of Q K^T
+    constexpr int NT = BN / 8;   // 8-wide key tiles of S
+    constexpr int OT = D / 8;    // 8-wide column tiles of O
     extern __shared__ __align__(128) unsigned char flash_smem[];
-    std::uint16_t* qs = reinterpret_cast<std::uint16_t*>(flash_smem + G::q_off);
-    std::uint16_t* ks = reinterpret_cast<std::uint16_t*>(flash_smem + G::k_off);
-    std::uint16_t* vs = reinterpret_cast<std::uint16_t*>(flash_smem + G::v_off);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* sw = reinterpret_cast<float*>(flash_smem + G::s_off) + warp * 16 * BN;
-    std::uint16_t* pw = reinterpret_cast<std::uint16_t*>(flash_smem + G::p_off) + warp * 16 * BN;
-    float* ow = reinterpret_cast<float*>(flash_smem + G::o_off) + warp * 16 * DP;
+    // Two stages of (K tile, V tile): stage i at smem + i * 2 * BN * S values.
+    auto* smem = reinterpret_cast<std::uint16_t*>(flash_smem);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
 
-    const index_t batch = blockIdx.y, q0 = static_cast<index_t>(blockIdx.x) * G::block_m;
-    const auto* q = reinterpret_cast<const std::uint16_t*>(q_all) + (batch * lq + q0) * D;
+    const index_t batch = blockIdx.y, q0 = static_cast<index_t>(blockIdx.x) * G::block_m + warp * 16;
+    const auto* q = reinterpret_cast<const std::uint16_t*>(q_all) + batch * lq * D;
     const auto* k = reinterpret_cast<const std::uint16_t*>(k_all) + batch * lk * D;
     const auto* v = reinterpret_cast<const std::uint16_t*>(v_all) + batch * lk * D;
-    auto* out = reinterpret_cast<std::uint16_t*>(out_all) + (batch * lq + q0) * D;
+    auto* out = reinterpret_cast<std::uint16_t*>(out_all) + batch * lq * D;
 
-    load_tile<D, DP>(qs, q, G::block_m, lq - q0, vectorised);
-    for (int idx = lane; idx < 16 * DP; idx += 32) ow[idx] = 0.0f;
-
-    // Lane pair (2r, 2r + 1) owns row r of this warp's 16: half the columns each.
-    const int r = lane >> 1, half_lane = lane & 1;
-    float m = -cuda_infinity<float>(), l = 0.0f;
-
-    for (index_t k0 = 0; k0 < lk; k0 += BN) {
-        __syncthreads();  // the previous tile's K and V are no longer read
-        load_tile<D, DP>(ks, k + k0 * D, BN, lk - k0, vectorised);
-        load_tile<D, DP>(vs, v + k0 * D, BN, lk - k0, vectorised);
-        __syncthreads();
-
-        // S (16 x BN) = Q_warp (16 x DP) K_tile^T (DP x BN).
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag;
-            wmma::fill_fragment(s_frag, 0.0f);
-#pragma unroll
-            for (int t = 0; t < DP / 16; ++t) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a_frag;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b_frag;
-                wmma::load_matrix_sync(a_frag, reinterpret_cast<const E*>(qs + warp * 16 * DP + t * 16), DP);
-                wmma::load_matrix_sync(b_frag, reinterpret_cast<const E*>(ks + j * 16 * DP + t * 16), DP);
-                wmma::mma_sync(s_frag, a_frag, b_frag, s_frag);
-            }
-            wmma::store_matrix_sync(sw + j * 16, s_frag, BN, wmma::mem_row_major);
+    // K's padding columns D..DP stay zero for the whole kernel (tiles write columns < D).
+    if constexpr (DP > D) {
+        constexpr int pad = DP - D;
+        for (int idx = threadIdx.x; idx < 2 * BN * pad; idx += blockDim.x) {
+            const int stage = idx / (BN * pad), rest = idx - stage * BN * pad;
+            smem[stage * 2 * BN * S + (rest / pad) * S + D + rest % pad] = 0;
         }
-        __syncwarp();
-
-        // Online softmax on row r (base-2 exponentials, scale folded in).
-        float* srow = sw + r * BN;
-        const int c0 = half_lane * (BN / 2);
-        float tile_max = -cuda_infinity<float>();
-        for (int c = c0; c < c0 + BN / 2; ++c) {
-            const float s = k0 + c < lk ? srow[c] * scale_log2 : -cuda_infinity<float>();
-            srow[c] = s;
-            tile_max = fmaxf(tile_max, s);
-        }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        const float m_new = fmaxf(m, tile_max);  // finite: key k0 is always valid
-        const float alpha = exp2f(m - m_new);
-        float sum = 0.0f;
-        for (int c = c0; c < c0 + BN / 2; ++c) {
-            const float p = exp2f(srow[c] - m_new);
-            pw[r * BN + c] = wmma_type<T>::bits(p);
-            sum += p;
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        l = l * alpha + sum;
-        m = m_new;
-        float* orow = ow + r * DP;
-        for (int c = half_lane * (DP / 2); c < (half_lane + 1) * (DP / 2); ++c) orow[c] *= alpha;
-        __syncwarp();
-
-        // O (16 x DP) += P (16 x BN) V_tile (BN x DP).
-#pragma unroll
-        for (int j = 0; j < DP / 16; ++j) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
-            wmma::load_matrix_sync(o_frag, ow + j * 16, DP, wmma::mem_row_major);
-#pragma unroll
-            for (int t = 0; t < BN / 16; ++t) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a_frag;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major> b_frag;
-                wmma::load_matrix_sync(a_frag, reinterpret_cast<const E*>(pw + t * 16), BN);
-                wmma::load_matrix_sync(b_frag, reinterpret_cast<const E*>(vs + t * 16 * DP + j * 16), DP);
-                wmma::mma_sync(o_frag, a_frag, b_frag, o_frag);
-            }
-            wmma::store_matrix_sync(ow + j * 16, o_frag, DP, wmma::mem_row_major);
-        }
-        __syncwarp();
     }
 
-    const index_t row = static_cast<index_t>(warp) * 16 + r;
-    if (q0 + row < lq) {
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        const float* orow = ow + r * DP;
-        for (int c = half_lane * (DP / 2); c < (half_lane + 1) * (DP / 2) && c < D; ++c)
-            out[row * D + c] = wmma_type<T>::bits(orow[c] * inv);
+    // Stage `buf` <- keys [k0, k0 + BN): asynchronous 16-byte copies when rows
+    // are aligned (the next tile loads while this one is used), else plain loads.
+    const auto fetch = [&](index_t k0, int buf) {
+        std::uint16_t* kd = smem + buf * 2 * BN * S;
+        std::uint16_t* vd = kd + BN * S;
+        if (vectorised) {
+            constexpr int chunks = D / 8;
+            for (int idx = threadIdx.x; idx < BN * chunks; idx += blockDim.x) {
+                const int r = idx / chunks, c = (idx - r * chunks) * 8;
+                const bool valid = k0 + r < lk;
+                const index_t at = valid ? (k0 + r) * D + c : 0;
+                cp_async16(kd + r * S + c, k + at, valid);
+                cp_async16(vd + r * S + c, v + at, valid);
+            }
+            asm volatile("cp.async.commit_group;\n" ::);
+        } else {
+            load_kv_tile<D, S>(kd, k + k0 * D, BN, lk - k0, false);
+            load_kv_tile<D, S>(vd, v + k0 * D, BN, lk - k0, false);
+        }
+    };
+
+    // This warp's Q as A operands: a[i] holds row g + 8 (i & 1), columns 16 kc + 2t + 8 (i >> 1), +1.
+    std::uint32_t qa[KC][4];
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const index_t row = q0 + g + 8 * (i & 1);
+            const int col = kc * 16 + 2 * t + 8 * (i >> 1);
+            std::uint32_t bits = 0;
+            if (row < lq && col < D) bits = std::uint32_t{q[row * D + col]} | (std::uint32_t{q[row * D + col + 1]} << 16);
+            qa[kc][i] = bits;
+        }
+
+    float o[OT][4];
+#pragma unroll
+    for (int j = 0; j < OT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m0 = -cuda_infinity<float>(), m1 = -cuda_infinity<float>(), l0 = 0.0f, l1 = 0.0f;
+
+    fetch(0, 0);
+    int buf = 0;
+    for (index_t k0 = 0; k0 < lk; k0 += BN, buf ^= 1) {
+        if (k0 + BN < lk) {
+            fetch(k0 + BN, buf ^ 1);  // that stage was released by the previous iteration's last barrier
+            if (vectorised) asm volatile("cp.async.wait_group 1;\n" ::);
+        } else if (vectorised) {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+        }
+        __syncthreads();
+        const std::uint16_t* ks = smem + buf * 2 * BN * S;
+        const std::uint16_t* vs = ks + BN * S;
+
+        // S (16 x BN) = Q (16 x DP) K_tile^T; B operand: key 8j + g, columns 16 kc + 2t (+8), +1.
+        float s[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            const std::uint16_t* krow = ks + (j * 8 + g) * S + 2 * t;
+#pragma unroll
+            for (int kc = 0; kc < KC; ++kc) {
+                const std::uint32_t b0 = *reinterpret_cast<const std::uint32_t*>(krow + kc * 16);
+                const std::uint32_t b1 = *reinterpret_cast<const std::uint32_t*>(krow + kc * 16 + 8);
+                M::mma(s[j], qa[kc], b0, b1);
+            }
+        }
+
+        // Online softmax in base 2 (the scale folded in); keys past lk score -inf.
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const index_t key = k0 + j * 8 + 2 * t + (i & 1);
+                s[j][i] = key < lk ? s[j][i] * scale_log2 : -cuda_infinity<float>();
+                if (i < 2) mx0 = fmaxf(mx0, s[j][i]);
+                else mx1 = fmaxf(mx1, s[j][i]);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float alpha0 = fast_exp2(m0 - mx0), alpha1 = fast_exp2(m1 - mx1);  // maxima finite: key k0 is valid
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= alpha0;
+        l1 *= alpha1;
+#pragma unroll
+        for (int j = 0; j < OT; ++j) {
+            o[j][0] *= alpha0;
+            o[j][1] *= alpha0;
+            o[j][2] *= alpha1;
+            o[j][3] *= alpha1;
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            s[j][0] = fast_exp2(s[j][0] - m0);
+            s[j][1] = fast_exp2(s[j][1] - m0);
+            s[j][2] = fast_exp2(s[j][2] - m1);
+            s[j][3] = fast_exp2(s[j][3] - m1);
+            l0 += s[j][0] + s[j][1];
+            l1 += s[j][2] + s[j][3];
+        }
+
+        // O (16 x D) += P (16 x BN) V_tile; P's A operand comes straight from the accumulators.
+#pragma unroll
+        for (int kc = 0; kc < BN / 16; ++kc) {
+            const std::uint32_t pa[4] = {M::pack(s[2 * kc][0], s[2 * kc][1]), M::pack(s[2 * kc][2], s[2 * kc][3]),
+                                         M::pack(s[2 * kc + 1][0], s[2 * kc + 1][1]), M::pack(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+            const std::uint32_t vrow = shared_address(vs + (kc * 16 + (lane & 15)) * S);
+#pragma unroll
+            for (int j = 0; j < OT; ++j) {
+                std::uint32_t b0, b1;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                             : "=r"(b0), "=r"(b1)
+                             : "r"(vrow + j * 16));
+                M::mma(o[j], pa, b0, b1);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    const index_t r0 = q0 + g, r1 = q0 + g + 8;
+#pragma unroll
+    for (int j = 0; j < OT; ++j) {
+        const int col = j * 8 + 2 * t;
+        if (r0 < lq) {
+            out[r0 * D + col] = M::bits(o[j][0] * inv0);
+            out[r0 * D + col + 1] = M::bits(o[j][1] * inv0);
+        }
+        if (r1 < lq) {
+            out[r1 * D + col] = M::bits(o[j][2] * inv1);
+            out[r1 * D + col + 1] = M::bits(o[j][3] * inv1);
+        }
     }
 #endif
 }

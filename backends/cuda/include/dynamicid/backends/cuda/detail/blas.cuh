@@ -194,7 +194,12 @@ void conv2d_forward(context_state& state, bool allow_tf32, const conv2d_desc& d,
                 "cudnnConvolutionForward");
     if (bias) {
         const index_t spatial = d.out_h() * d.out_w();
-        add_channel_bias_kernel<T><<<grid_for(d.n * d.c_out * spatial), block_threads, 0, state.stream()>>>(d.n, d.c_out, spatial, bias, y);
+        const index_t total = d.n * d.c_out * spatial;
+        if (total < (index_t{1} << 31))
+            add_channel_bias_kernel<T, std::uint32_t><<<grid_for(total), block_threads, 0, state.stream()>>>(
+                static_cast<std::uint32_t>(d.n), static_cast<std::uint32_t>(d.c_out), static_cast<std::uint32_t>(spatial), bias, y);
+        else
+            add_channel_bias_kernel<T, index_t><<<grid_for(total), block_threads, 0, state.stream()>>>(d.n, d.c_out, spatial, bias, y);
         check_launch("add_channel_bias_kernel");
     }
 }

@@ -119,16 +119,40 @@ inline index_t box_numel(const strided_box& box) {
     return n;
 }
 
-/// Offsets of row-major position `linear` of the box for each of `Operands` stride sets.
-template <int Operands>
-__device__ __forceinline__ void box_offsets(const strided_box& box, index_t linear, index_t (&off)[Operands]) {
+/// Offsets of row-major position `linear` of the box for each of `Operands`
+/// stride sets, computed in index type I: std::uint32_t where box_fits_u32
+/// says so (32-bit division is several times cheaper on the device), else
+/// index_t. The outermost axis needs no division.
+template <int Operands, class I = index_t>
+__device__ __forceinline__ void box_offsets(const strided_box& box, std::type_identity_t<I> linear, I (&off)[Operands]) {
     for (int o = 0; o < Operands; ++o) off[o] = 0;
-    for (int a = box.rank - 1; a >= 0; --a) {
-        const index_t extent = box.shape[a];
-        const index_t i = linear % extent;
-        linear /= extent;
-        for (int o = 0; o < Operands; ++o) off[o] += i * box.strides[o][a];
+    for (int a = box.rank - 1; a > 0; --a) {
+        const I extent = static_cast<I>(box.shape[a]);
+        const I q = linear / extent, i = linear - q * extent;
+        linear = q;
+        for (int o = 0; o < Operands; ++o) off[o] += i * static_cast<I>(box.strides[o][a]);
     }
+    if (box.rank > 0)
+        for (int o = 0; o < Operands; ++o) off[o] += linear * static_cast<I>(box.strides[o][0]);
+}
+
+/// True when a walk over `box` (n positions, `operands` non-negative stride
+/// sets) can do its index arithmetic in 32 bits: positions and every offset
+/// stay below 2^31, so grid-stride loops cannot wrap either.
+inline bool box_fits_u32(const strided_box& box, int operands, index_t n) {
+    constexpr index_t limit = index_t{1} << 31;
+    if (n >= limit) return false;
+    for (int o = 0; o < operands; ++o) {
+        index_t last = 0;
+        for (int a = 0; a < box.rank; ++a) {
+            const auto ia = static_cast<std::size_t>(a);
+            const index_t stride = box.strides[static_cast<std::size_t>(o)][ia];
+            if (stride < 0) return false;
+            last += (box.shape[ia] - 1) * stride;
+        }
+        if (last >= limit) return false;
+    }
+    return true;
 }
 
 /// Splits a box into the axes flagged `inner` (walked by one thread, in order)

@@ -51,6 +51,66 @@ __global__ void normalise_forward_kernel(norm_layout layout, index_t segments, i
     }
 }
 
+// ---- long segments (group norm at high resolution): split over several blocks ----------
+
+/// Grid (parts, segments): block (p, s) writes the mean and the sum of squared
+/// deviations of values [p * chunk, min(len, (p + 1) * chunk)) of segment s.
+template <class T>
+__global__ void segment_partial_kernel(index_t len, index_t chunk, const T* x, accum_t<T>* part_mean, accum_t<T>* part_m2) {
+    using A = accum_t<T>;
+    const index_t s = blockIdx.y, p = blockIdx.x, parts = gridDim.x;
+    const index_t begin = p * chunk, end = begin + chunk < len ? begin + chunk : len;
+    const T* xs = x + s * len;
+    A sum = 0;
+    for (index_t i = begin + threadIdx.x; i < end; i += blockDim.x) sum += load(xs, i);
+    const A mu = block_sum(sum) / static_cast<A>(end - begin);
+    A sq = 0;
+    for (index_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const A c = load(xs, i) - mu;
+        sq += c * c;
+    }
+    sq = block_sum(sq);
+    if (threadIdx.x == 0) {
+        part_mean[s * parts + p] = mu;
+        part_m2[s * parts + p] = sq;
+    }
+}
+
+/// One thread per segment: merges the parts in order (Chan et al.'s pairwise
+/// update), then mean and 1 / sqrt(var + eps).
+template <class A>
+__global__ void segment_combine_kernel(index_t segments, index_t parts, index_t len, index_t chunk, double eps, const A* part_mean,
+                                       const A* part_m2, A* mean, A* rstd) {
+    for (index_t s = global_index(); s < segments; s += global_stride()) {
+        A n = 0, mu = 0, m2 = 0;
+        for (index_t p = 0; p < parts; ++p) {
+            const index_t begin = p * chunk;
+            const A nb = static_cast<A>((begin + chunk < len ? begin + chunk : len) - begin);
+            const A mb = part_mean[s * parts + p], delta = mb - mu, total = n + nb;
+            mu += delta * nb / total;
+            m2 += part_m2[s * parts + p] + delta * delta * n * nb / total;
+            n = total;
+        }
+        mean[s] = mu;
+        rstd[s] = static_cast<A>(1.0 / sqrt(static_cast<double>(m2 / static_cast<A>(len)) + eps));
+    }
+}
+
+/// y = (x - mean) * rstd * gamma + beta over all segments, one thread per
+/// value (I as box_offsets: 32 bits when segments * len < 2^31).
+template <class T, class I>
+__global__ void normalise_apply_kernel(norm_layout layout, I total, I len, const T* x, const T* gamma, const T* beta,
+                                       const accum_t<T>* mean, const accum_t<T>* rstd, T* y) {
+    using A = accum_t<T>;
+    const I groups = static_cast<I>(layout.groups), cg = static_cast<I>(layout.cg), spatial = static_cast<I>(layout.spatial);
+    for (I i = static_cast<I>(global_index()); i < total; i += static_cast<I>(global_stride())) {
+        const I s = i / len, e = i - s * len;
+        const I f = groups == 0 ? e : (s % groups) * cg + e / spatial;
+        const A g = gamma ? load(gamma, f) : A(1), b = beta ? load(beta, f) : A(0);
+        store(y, i, (load(x, i) - mean[s]) * rstd[s] * g + b);
+    }
+}
+
 /// dx for each segment (one block each).
 template <class T>
 __global__ void normalise_backward_data_kernel(norm_layout layout, index_t segments, index_t len, const T* x, const T* gamma,

@@ -123,9 +123,9 @@ __global__ void convert_kernel(const From* x, To* y, index_t n) {
 
 // ---- pointwise ------------------------------------------------------------------
 
-template <class T>
-__global__ void unary_forward_kernel(unary_op op, index_t n, const T* x, T* y) {
-    for (index_t i = global_index(); i < n; i += global_stride()) store(y, i, unary_value(op, load(x, i)));
+template <class T, class I>
+__global__ void unary_forward_kernel(unary_op op, I n, const T* x, T* y) {
+    for (I i = static_cast<I>(global_index()); i < n; i += static_cast<I>(global_stride())) store(y, i, unary_value(op, load(x, i)));
 }
 
 template <class T>
@@ -134,11 +134,11 @@ __global__ void unary_backward_kernel(unary_op op, index_t n, const T* x, const 
         store(dx, i, load(dy, i) * unary_derivative(op, load(x, i)));
 }
 
-template <class T>
-__global__ void geglu_forward_kernel(index_t rows, index_t cols, const T* x, T* y) {
-    const index_t n = rows * cols;
-    for (index_t i = global_index(); i < n; i += global_stride()) {
-        const index_t r = i / cols, c = i - r * cols;
+template <class T, class I>
+__global__ void geglu_forward_kernel(I rows, I cols, const T* x, T* y) {
+    const I n = rows * cols;
+    for (I i = static_cast<I>(global_index()); i < n; i += static_cast<I>(global_stride())) {
+        const I r = i / cols, c = i - r * cols;
         const auto h = load(x, r * 2 * cols + c), g = load(x, r * 2 * cols + cols + c);
         store(y, i, h * unary_value(unary_op::gelu_erf, g));
     }
@@ -156,12 +156,12 @@ __global__ void geglu_backward_kernel(index_t rows, index_t cols, const T* x, co
     }
 }
 
-/// box strides: [0] output (contiguous), [1] a, [2] b.
-template <class T>
-__global__ void binary_forward_kernel(binary_op op, strided_box box, index_t n, const T* a, const T* b, T* y) {
-    for (index_t i = global_index(); i < n; i += global_stride()) {
-        index_t off[3];
-        box_offsets<3>(box, i, off);
+/// box strides: [0] output (contiguous), [1] a, [2] b; I as box_offsets.
+template <class T, class I>
+__global__ void binary_forward_kernel(binary_op op, strided_box box, I n, const T* a, const T* b, T* y) {
+    for (I i = static_cast<I>(global_index()); i < n; i += static_cast<I>(global_stride())) {
+        I off[3];
+        box_offsets<3, I>(box, i, off);
         store(y, off[0], binary_value(op, load(a, off[1]), load(b, off[2])));
     }
 }
@@ -235,23 +235,23 @@ __global__ void reduce_block_kernel(strided_box outer, strided_box inner, index_
 }
 
 /// dx (contiguous) = dy read through `box` strides [1] (0 along reduced axes) * scale.
-template <class T>
-__global__ void broadcast_scaled_kernel(strided_box box, index_t n, accum_t<T> scale, const T* dy, T* dx) {
-    for (index_t i = global_index(); i < n; i += global_stride()) {
-        index_t off[2];
-        box_offsets<2>(box, i, off);
+template <class T, class I>
+__global__ void broadcast_scaled_kernel(strided_box box, I n, accum_t<T> scale, const T* dy, T* dx) {
+    for (I i = static_cast<I>(global_index()); i < n; i += static_cast<I>(global_stride())) {
+        I off[2];
+        box_offsets<2, I>(box, i, off);
         store(dx, off[0], load(dy, off[1]) * scale);
     }
 }
 
 // ---- layout ---------------------------------------------------------------------
 
-/// Stride sets [0] src, [1] dst.
-template <class T>
-__global__ void strided_copy_kernel(strided_box box, index_t n, const T* src, T* dst, bool accumulate) {
-    for (index_t i = global_index(); i < n; i += global_stride()) {
-        index_t off[2];
-        box_offsets<2>(box, i, off);
+/// Stride sets [0] src, [1] dst; I as box_offsets.
+template <class T, class I>
+__global__ void strided_copy_kernel(strided_box box, I n, const T* src, T* dst, bool accumulate) {
+    for (I i = static_cast<I>(global_index()); i < n; i += static_cast<I>(global_stride())) {
+        I off[2];
+        box_offsets<2, I>(box, i, off);
         if (accumulate) store(dst, off[1], load(dst, off[1]) + load(src, off[0]));
         else dst[off[1]] = src[off[0]];
     }
@@ -276,11 +276,11 @@ __global__ void strided_accumulate_kernel(strided_box outer, strided_box inner, 
     }
 }
 
-template <class T>
-__global__ void upsample_forward_kernel(index_t planes, index_t h, index_t w, index_t factor, const T* x, T* y) {
-    const index_t oh = h * factor, ow = w * factor, n = planes * oh * ow;
-    for (index_t i = global_index(); i < n; i += global_stride()) {
-        const index_t j = i % ow, rest = i / ow, r = rest % oh, p = rest / oh;
+template <class T, class I>
+__global__ void upsample_forward_kernel(I planes, I h, I w, I factor, const T* x, T* y) {
+    const I oh = h * factor, ow = w * factor, n = planes * oh * ow;
+    for (I i = static_cast<I>(global_index()); i < n; i += static_cast<I>(global_stride())) {
+        const I rest = i / ow, j = i - rest * ow, p = rest / oh, r = rest - p * oh;
         y[i] = x[(p * h + r / factor) * w + j / factor];
     }
 }
@@ -347,12 +347,12 @@ __global__ void softmax_backward_kernel(index_t rows, index_t cols, const T* y, 
 
 // ---- convolution bias ---------------------------------------------------------------------
 
-/// y[n, c, s] += bias[c].
-template <class T>
-__global__ void add_channel_bias_kernel(index_t n, index_t c, index_t spatial, const T* bias, T* y) {
-    const index_t total = n * c * spatial;
-    for (index_t i = global_index(); i < total; i += global_stride()) {
-        const index_t ch = (i / spatial) % c;
+/// y[n, c, s] += bias[c]; I as box_offsets (n * c * spatial < 2^31 for 32 bits).
+template <class T, class I>
+__global__ void add_channel_bias_kernel(I n, I c, I spatial, const T* bias, T* y) {
+    const I total = n * c * spatial;
+    for (I i = static_cast<I>(global_index()); i < total; i += static_cast<I>(global_stride())) {
+        const I ch = (i / spatial) % c;
         store(y, i, load(y, i) + load(bias, ch));
     }
 }
