@@ -1,23 +1,32 @@
-// dynamicid benchmarks on the CUDA backend (needs a GPU; timed with CUDA events).
+// dynamicid benchmarks on the CUDA backend (Google Benchmark; needs a GPU).
+// Each call is timed with CUDA events on the context's stream (manual time).
 //
-//   attention   the fused attention kernel alone, f16, at SD1.5's two largest
-//               self-attention shapes: 2 images x 8 heads, 4096 tokens, head
-//               dimension 40 (64x64 latent) and 1024 tokens, dimension 80.
-//   unet        one SD1.5 UNet evaluation in f16, batch 2 (classifier-free
-//               guidance) at 512 x 512 (latent 64 x 64), 77 text tokens, with
-//               random weights built from the config (no checkpoint needed).
+//   attention_f16/fused     the fused attention kernel alone, f16, at SD1.5's
+//                           two largest self-attention shapes: 2 images x 8
+//                           heads, 4096 tokens, head dimension 40 (64x64
+//                           latent) and 1024 tokens, dimension 80
+//   attention_f16/composed  the same through gemm + softmax + gemm: the
+//                           baseline of the same run (vs_composed)
+//   unet_sd15_f16           one SD1.5 UNet evaluation in f16, batch 2
+//                           (classifier-free guidance) at 512 x 512 (latent
+//                           64 x 64), 77 text tokens, random weights built from
+//                           the config (no checkpoint needed)
 //
-//   dynamicid_bench_cuda                 # both
-//   dynamicid_bench_cuda attention       # one of them
-//   dynamicid_bench_cuda unet --iters 5
+//   dynamicid_bench_cuda [--torch-attention-ms=A,B] [--torch-unet-ms=U]
+//                        [--peak-tflops=P] [--unet-iterations=N] [benchmark flags]
 //
-// Each line: what, milliseconds per call (median of the timed calls), and the
-// arithmetic rate. Warm-up calls (allocator, cuDNN plans) are not timed.
+// Counters: TFLOP/s from the FLOP counter (dynamicid::analysis for the UNet),
+// of_peak against P (default 989, the H100/H200 SXM dense f16 tensor peak),
+// and vs_torch = PyTorch's time / ours when the PyTorch figures of the same
+// run are given (tools/bench/pytorch_cuda_baseline.py prints them; the device
+// script tools/device/run_cuda_checks.sh passes them on).
 #include <dynamicid/analysis/flops.hpp>
 #include <dynamicid/backends/cuda.cuh>
 #include <dynamicid/io/safetensors.hpp>
 #include <dynamicid/modules/unet/unet_2d_condition.hpp>
 #include <dynamicid/modules/weights.hpp>
+
+#include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +34,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -40,44 +50,90 @@ using dynamicid::shape;
 namespace modules = dynamicid::modules;
 namespace ops = dynamicid::ops;
 
-/// Milliseconds per call of `run` on ctx's stream: median of `iters` timed calls after `warmup`.
+struct options {
+    std::optional<double> torch_attention_ms[2];
+    std::optional<double> torch_unet_ms;
+    double peak_tflops = 989.0;
+    int unet_iterations = 10;
+};
+options g_options;
+std::map<std::string, double> g_composed_ms;  // composed attention per shape, for vs_composed
+
+/// CUDA events around work queued on a context's stream.
+class event_timer {
+public:
+    explicit event_timer(cuda_backend::context& ctx) : ctx_(ctx) {
+        dynamicid::cuda::detail::check_cuda(cudaEventCreate(&start_), "cudaEventCreate");
+        dynamicid::cuda::detail::check_cuda(cudaEventCreate(&stop_), "cudaEventCreate");
+    }
+    ~event_timer() {
+        cudaEventDestroy(start_);
+        cudaEventDestroy(stop_);
+    }
+    event_timer(const event_timer&) = delete;
+    event_timer& operator=(const event_timer&) = delete;
+    void start() { dynamicid::cuda::detail::check_cuda(cudaEventRecord(start_, ctx_.queue()), "cudaEventRecord"); }
+    /// Milliseconds since start(), once the queued work is done.
+    double stop() {
+        dynamicid::cuda::detail::check_cuda(cudaEventRecord(stop_, ctx_.queue()), "cudaEventRecord");
+        dynamicid::cuda::detail::check_cuda(cudaEventSynchronize(stop_), "cudaEventSynchronize");
+        float ms = 0;
+        dynamicid::cuda::detail::check_cuda(cudaEventElapsedTime(&ms, start_, stop_), "cudaEventElapsedTime");
+        return ms;
+    }
+
+private:
+    cuda_backend::context& ctx_;
+    cudaEvent_t start_{}, stop_{};
+};
+
+/// Runs `run` under the benchmark loop (after `warmup` untimed calls) and
+/// returns the median milliseconds of the timed calls.
 template <class Run>
-double time_ms(cuda_backend::context& ctx, int warmup, int iters, Run&& run) {
+double timed_loop(benchmark::State& state, cuda_backend::context& ctx, int warmup, Run&& run) {
     for (int i = 0; i < warmup; ++i) run();
     cuda_backend::synchronize(ctx);
+    event_timer timer(ctx);
     std::vector<double> ms;
-    cudaEvent_t start, stop;
-    dynamicid::cuda::detail::check_cuda(cudaEventCreate(&start), "cudaEventCreate");
-    dynamicid::cuda::detail::check_cuda(cudaEventCreate(&stop), "cudaEventCreate");
-    for (int i = 0; i < iters; ++i) {
-        dynamicid::cuda::detail::check_cuda(cudaEventRecord(start, ctx.queue()), "cudaEventRecord");
+    for (auto _ : state) {
+        timer.start();
         run();
-        dynamicid::cuda::detail::check_cuda(cudaEventRecord(stop, ctx.queue()), "cudaEventRecord");
-        dynamicid::cuda::detail::check_cuda(cudaEventSynchronize(stop), "cudaEventSynchronize");
-        float elapsed = 0;
-        dynamicid::cuda::detail::check_cuda(cudaEventElapsedTime(&elapsed, start, stop), "cudaEventElapsedTime");
-        ms.push_back(elapsed);
+        const double m = timer.stop();
+        state.SetIterationTime(m / 1e3);
+        ms.push_back(m);
     }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
     std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
+    return ms.empty() ? 0.0 : ms[ms.size() / 2];
 }
 
-void bench_attention(int iters) {
+void set_rate(benchmark::State& state, double flops, double ms) {
+    const double tflops = flops / ms / 1e9;
+    state.counters["TFLOP/s"] = tflops;
+    state.counters["of_peak"] = tflops / g_options.peak_tflops;
+    state.counters["median_ms"] = ms;
+}
+
+/// Args: tokens, head dimension; 16 = 2 images x 8 heads.
+template <bool Fused>
+void bm_attention(benchmark::State& state) {
+    const index_t batch = 16, tokens = state.range(0), dim = state.range(1);
     cuda_backend::context ctx;
-    struct shape_case {
-        index_t batch, tokens, dim;
-    };
-    for (const shape_case c : {shape_case{16, 4096, 40}, shape_case{16, 1024, 80}}) {
-        const auto q = ops::randn<cuda_backend, half>(ctx, {c.batch, c.tokens, c.dim}, 1);
-        const auto k = ops::randn<cuda_backend, half>(ctx, {c.batch, c.tokens, c.dim}, 2);
-        const auto v = ops::randn<cuda_backend, half>(ctx, {c.batch, c.tokens, c.dim}, 3);
-        const double ms = time_ms(ctx, 3, iters, [&] { (void)ops::attention(ctx, q, k, v); });
-        const double flops = 4.0 * static_cast<double>(c.batch) * static_cast<double>(c.tokens) * static_cast<double>(c.tokens) *
-                             static_cast<double>(c.dim);
-        std::printf("attention_f16 batch*heads=%lld tokens=%lld dim=%lld: %.3f ms, %.1f TFLOP/s\n", static_cast<long long>(c.batch),
-                    static_cast<long long>(c.tokens), static_cast<long long>(c.dim), ms, flops / ms / 1e9);
+    const auto q = ops::randn<cuda_backend, half>(ctx, {batch, tokens, dim}, 1);
+    const auto k = ops::randn<cuda_backend, half>(ctx, {batch, tokens, dim}, 2);
+    const auto v = ops::randn<cuda_backend, half>(ctx, {batch, tokens, dim}, 3);
+    const double ms = timed_loop(state, ctx, 3, [&] {
+        if constexpr (Fused) (void)ops::attention(ctx, q, k, v);
+        else (void)ops::attention_forward(ctx, q, k, v).first;
+    });
+    const auto flops = 4.0 * static_cast<double>(batch) * static_cast<double>(tokens) * static_cast<double>(tokens) * static_cast<double>(dim);
+    set_rate(state, flops, ms);
+    const std::string key = std::to_string(tokens) + "x" + std::to_string(dim);
+    if constexpr (!Fused) {
+        g_composed_ms[key] = ms;
+    } else {
+        if (g_composed_ms.count(key)) state.counters["vs_composed"] = g_composed_ms[key] / ms;
+        const auto& torch_ms = g_options.torch_attention_ms[tokens == 4096 ? 0 : 1];
+        if (torch_ms) state.counters["vs_torch"] = *torch_ms / ms;
     }
 }
 
@@ -144,7 +200,7 @@ modules::weight_source random_unet_weights(cuda_backend::context& ctx, const mod
     });
 }
 
-void bench_unet(int iters) {
+void bm_unet(benchmark::State& state) {
     cuda_backend::context ctx;
     const modules::unet::unet_config cfg{};  // SD1.5's
     using unet_t = modules::unet::unet_2d_condition<cuda_backend, half>;
@@ -153,34 +209,73 @@ void bench_unet(int iters) {
     const auto sample = ops::randn<cuda_backend, half>(ctx, {batch, 4, latent, latent}, 7);
     const auto text = ops::scale(ctx, ops::randn<cuda_backend, half>(ctx, {batch, tokens, 768}, 8), 0.5);
     const std::vector<float> timesteps(static_cast<std::size_t>(batch), 981.0f);
-    const double ms = time_ms(ctx, 2, iters, [&] { (void)unet.forward(ctx, sample, std::span<const float>(timesteps), text); });
+    const double ms = timed_loop(state, ctx, 2, [&] { (void)unet.forward(ctx, sample, std::span<const float>(timesteps), text); });
     const double macs = static_cast<double>(
         dynamicid::analysis::unet_macs(cfg, {.batch = batch, .height = latent, .width = latent, .tokens = tokens}).total());
-    std::printf("unet_sd15_f16 batch=2 image=512: %.2f ms, %.1f TFLOP/s, device memory held %.0f MiB\n", ms, 2.0 * macs / ms / 1e9,
-                static_cast<double>(cuda_backend::allocated_bytes(ctx)) / (1024.0 * 1024.0));
+    set_rate(state, 2.0 * macs, ms);
+    state.counters["device_MiB"] = static_cast<double>(cuda_backend::allocated_bytes(ctx)) / (1024.0 * 1024.0);
+    if (g_options.torch_unet_ms) state.counters["vs_torch"] = *g_options.torch_unet_ms / ms;
+}
+
+/// Takes this program's own flags out of argv (Google Benchmark gets the rest).
+bool parse_options(int& argc, char** argv) {
+    int kept = 1;
+    try {
+        for (int i = 1; i < argc; ++i) {
+            const std::string_view a = argv[i];
+            if (a.starts_with("--torch-attention-ms=")) {
+                const std::string v(a.substr(21));
+                const auto comma = v.find(',');
+                g_options.torch_attention_ms[0] = std::stod(v.substr(0, comma));
+                if (comma != std::string::npos) g_options.torch_attention_ms[1] = std::stod(v.substr(comma + 1));
+            } else if (a.starts_with("--torch-unet-ms=")) {
+                g_options.torch_unet_ms = std::stod(std::string(a.substr(16)));
+            } else if (a.starts_with("--peak-tflops=")) {
+                g_options.peak_tflops = std::stod(std::string(a.substr(14)));
+            } else if (a.starts_with("--unet-iterations=")) {
+                g_options.unet_iterations = std::max(1, std::stoi(std::string(a.substr(18))));
+            } else {
+                argv[kept++] = argv[i];
+            }
+        }
+    } catch (const std::logic_error&) {
+        return false;
+    }
+    argc = kept;
+    return true;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    bool attention = true, unet = true;
-    int iters = 10;
-    for (int i = 1; i < argc; ++i) {
-        const std::string arg = argv[i];
-        if (arg == "attention") unet = false;
-        else if (arg == "unet") attention = false;
-        else if (arg == "--iters" && i + 1 < argc) iters = std::max(1, std::atoi(argv[++i]));
-        else {
-            std::fprintf(stderr, "usage: %s [attention|unet] [--iters N]\n", argv[0]);
-            return 2;
-        }
+    if (!parse_options(argc, argv)) {
+        std::fprintf(stderr, "usage: %s [--torch-attention-ms=A,B] [--torch-unet-ms=U] [--peak-tflops=P] [--unet-iterations=N] [benchmark flags]\n",
+                     argv[0]);
+        return 2;
     }
+    for (const auto& [tokens, dim] : {std::pair<index_t, index_t>{4096, 40}, {1024, 80}}) {
+        benchmark::RegisterBenchmark("attention_f16/composed", bm_attention<false>)
+            ->Args({tokens, dim})
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond)
+            ->Iterations(20);
+        benchmark::RegisterBenchmark("attention_f16/fused", bm_attention<true>)
+            ->Args({tokens, dim})
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond)
+            ->Iterations(20);
+    }
+    benchmark::RegisterBenchmark("unet_sd15_f16/batch2/512", bm_unet)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(g_options.unet_iterations);
+    benchmark::Initialize(&argc, argv);
     try {
-        if (attention) bench_attention(iters);
-        if (unet) bench_unet(std::max(1, iters / 2));
+        benchmark::RunSpecifiedBenchmarks();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "%s\n", e.what());
         return 1;
     }
+    benchmark::Shutdown();
     return 0;
 }

@@ -179,3 +179,49 @@ TEST_CASE("cuda: the device SAA gate matches the host reference", "[cuda][saa]")
     check_saa_gate<float>(true, 1e-5);
     check_saa_gate<dynamicid::half>(false, 2e-3);
 }
+
+namespace {
+
+/// The vectorised and tiled-transpose paths of binary ops and strided copies
+/// against the reference CPU backend on the same rounded inputs.
+template <class H>
+void check_fast_layout_paths(double tol) {
+    using dynamicid::cpu_backend;
+    cuda_backend::context ctx;
+    cpu_backend::context cpu;
+    std::uint64_t seed = 9500;
+    const auto both = [&](const dynamicid::shape& s) {
+        const auto host = testing::round_to<H>(dynamicid::matrix::host_normal(static_cast<std::size_t>(s.numel()), ++seed));
+        return std::pair{testing::upload<cuda_backend, H>(ctx, s, host), testing::upload<cpu_backend, H>(cpu, s, host)};
+    };
+    const auto same = [&](const std::string& what, const auto& gpu, const auto& ref) {
+        testing::check_close(what, testing::download(ctx, gpu), testing::download(cpu, ref), tol, tol);
+    };
+    struct permute_case {
+        dynamicid::shape s;
+        std::vector<int> perm;
+    };
+    for (const auto& c : {permute_case{{2, 320, 1000}, {0, 2, 1}}, permute_case{{3, 37, 45}, {0, 2, 1}},
+                          permute_case{{2, 77, 8, 40}, {0, 2, 1, 3}}, permute_case{{64, 48}, {1, 0}}}) {
+        const auto [g, r] = both(c.s);
+        same("permute " + c.s.str(), ops::permute(ctx, g, c.perm), ops::permute(cpu, r, c.perm));
+    }
+    struct binary_case {
+        dynamicid::shape a, b;
+    };
+    for (const auto& c : {binary_case{{2, 64, 24, 24}, {2, 64, 24, 24}}, binary_case{{2, 64, 24, 24}, {1, 64, 1, 1}},
+                          binary_case{{2, 77, 320}, {320}}, binary_case{{2, 64, 40}, {2, 64, 1}}, binary_case{{3, 5, 7}, {7}}}) {
+        const auto [ga, ra] = both(c.a);
+        const auto [gb, rb] = both(c.b);
+        same("add " + c.a.str() + " + " + c.b.str(), ops::add(ctx, ga, gb), ops::add(cpu, ra, rb));
+        same("mul " + c.b.str() + " * " + c.a.str(), ops::mul(ctx, gb, ga), ops::mul(cpu, rb, ra));
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cuda: vectorised and transposing layout paths match the reference CPU backend", "[cuda][layout]") {
+    check_fast_layout_paths<float>(1e-6);
+    check_fast_layout_paths<dynamicid::half>(1e-3);
+    check_fast_layout_paths<dynamicid::bfloat16>(1e-2);
+}

@@ -71,7 +71,7 @@ def bench_unet(iters):
     text = 0.5 * torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
     t = torch.full((2,), 981, device="cuda", dtype=torch.long)
     with torch.no_grad():
-        ms = time_ms(lambda: unet(sample, t, encoder_hidden_states=text).sample, 2, iters)
+        ms = time_ms(lambda: unet(sample, t, encoder_hidden_states=text).sample, 3, iters)
     print(f"torch_unet_sd15_f16 batch=2 image=512: {ms:.2f} ms, max memory allocated "
           f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
 
@@ -88,7 +88,7 @@ def main():
     if args.what in (None, "attention"):
         bench_attention(max(1, args.iters))
     if args.what in (None, "unet"):
-        bench_unet(max(1, args.iters // 2))
+        bench_unet(max(1, args.iters))
     return 0
 
 

@@ -15,9 +15,11 @@
 #
 # Steps, each with its own time limit and log, each run even when an earlier
 # one failed: device info, the CUDA test program (matrix, fused attention,
-# allocator, goldens), dynamicid_bench_cuda (fused attention alone and one
-# SD1.5 UNet evaluation, f16, batch 2, 512x512), and the PyTorch baseline
-# (tools/bench/pytorch_cuda_baseline.py: SDPA and the diffusers UNet). Logs and
+# SAA gate, allocator, goldens), the PyTorch baseline
+# (tools/bench/pytorch_cuda_baseline.py: SDPA and the diffusers UNet), then
+# dynamicid_bench_cuda (Google Benchmark: fused and composed attention, one
+# SD1.5 UNet evaluation, f16, batch 2, 512x512) given PyTorch's figures so
+# that it prints the ratios (vs_torch). Logs and
 # summary.txt go to $OUT (default ./device-out). About 1-2 minutes in all with
 # staged programs (64 s on an H200). PROFILE=1 adds per-kernel times of the
 # UNet benchmark from Nsight Compute ($OUT/ncu.csv).
@@ -38,9 +40,11 @@ if [ "${1:-}" = "stage" ]; then
     rm -rf .devbuild && mkdir -p .devbuild/lib
     cp "$build/tests/cuda/dynamicid_cuda_tests" "$build/benchmarks/dynamicid_bench_cuda" .devbuild/
     strip .devbuild/dynamicid_cuda_tests .devbuild/dynamicid_bench_cuda || true
-    # OpenMP runtime of the host compiler (the CPU reference backend in the tests).
+    # OpenMP runtime of the host compiler (the CPU reference backend in the
+    # tests) and Google Benchmark: the device machine has neither.
     gomp="$(g++ -print-file-name=libgomp.so.1)"
     [ -f "$gomp" ] && cp -L "$gomp" .devbuild/lib/
+    for lib in $(ldd .devbuild/dynamicid_bench_cuda | grep -o '/[^ ]*libbenchmark[^ ]*'); do cp -L "$lib" .devbuild/lib/; done
     echo "$repo" > .devbuild/source_dir   # where the test data path was compiled in
     grep -qx '/.devbuild/' .git/info/exclude 2>/dev/null || echo '/.devbuild/' >> .git/info/exclude
     du -sh .devbuild
@@ -102,17 +106,24 @@ if [ "${tests[0]}" = "ctest" ]; then
 else
     step tests 150 "${tests[@]}" --durations yes
 fi
-step bench 90 "$bench" --iters 10
-
 if ls .whl/*.whl > /dev/null 2>&1; then
     step wheels 40 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 step torch 100 env PYTHONUNBUFFERED=1 python3 tools/bench/pytorch_cuda_baseline.py --iters 10
 
+# PyTorch's figures of this run go to the benchmark, which prints the ratios (vs_torch).
+torch_flags=()
+t4096="$(grep -o 'tokens=4096 dim=40: [0-9.]*' "$OUT/torch.log" | awk '{print $3}')"
+t1024="$(grep -o 'tokens=1024 dim=80: [0-9.]*' "$OUT/torch.log" | awk '{print $3}')"
+tunet="$(grep -o 'image=512: [0-9.]*' "$OUT/torch.log" | awk '{print $2}')"
+[ -n "$t4096" ] && [ -n "$t1024" ] && torch_flags+=("--torch-attention-ms=$t4096,$t1024")
+[ -n "$tunet" ] && torch_flags+=("--torch-unet-ms=$tunet")
+step bench 120 "$bench" "${torch_flags[@]}" --benchmark_counters_tabular=true
+
 # Optional per-kernel times of one UNet evaluation (Nsight Compute; PROFILE=1).
 if [ "${PROFILE:-0}" = 1 ] && command -v ncu > /dev/null; then
-    step profile 150 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu.csv" "$bench" unet --iters 2
+    step profile 150 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu.csv" "$bench" --benchmark_filter=unet --unet-iterations=1
 fi
 
 echo "== done in $SECONDS s" | tee -a "$summary"

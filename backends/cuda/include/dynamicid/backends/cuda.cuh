@@ -311,6 +311,15 @@ struct cuda_backend {
         const auto box = cuda::detail::coalesce(binary_box(d), 3);
         const index_t n = cuda::detail::box_numel(box);
         if (n <= 0 || numel(d.rank, d.shape) == 0) return;
+        const void* const ptrs[3] = {y, a, b};
+        bool vector_ops[3] = {};
+        if (cuda::detail::box_fits_u32(box, 3, n) && cuda::detail::vectorisable<T, 3>(box, ptrs, vector_ops) && vector_ops[0]) {
+            const index_t vectors = n / cuda::detail::vector_width<T>;
+            cuda::detail::binary_vector_kernel<T, std::uint32_t><<<cuda::detail::grid_for(vectors), cuda::detail::block_threads, 0, ctx.queue()>>>(
+                op, box, static_cast<std::uint32_t>(vectors), a, b, y);
+            cuda::detail::check_launch("binary_vector_kernel");
+            return;
+        }
         const auto grid = cuda::detail::grid_for(n);
         if (cuda::detail::box_fits_u32(box, 3, n))
             cuda::detail::binary_forward_kernel<T, std::uint32_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(
@@ -428,6 +437,29 @@ struct cuda_backend {
         cuda::detail::check_launch("broadcast_scaled_kernel");
     }
 
+    /// The coalesced copy `box` (fits 32-bit indices) as a batch of tiled
+    /// transposes, when it is one: dst rows contiguous, src contiguous along
+    /// dst's second-innermost axis. False when not (nothing queued).
+    template <class T>
+    static bool transpose_copy(context& ctx, const cuda::detail::strided_box& box, const T* src, T* dst) {
+        if (box.rank < 2 || box.rank > 3) return false;
+        const auto last = static_cast<std::size_t>(box.rank - 1), row_axis = last - 1;
+        const auto& s = box.strides[0];
+        const auto& d = box.strides[1];
+        if (d[last] != 1 || s[row_axis] != 1 || s[last] < 2) return false;
+        const index_t rows = box.shape[row_axis], cols = box.shape[last], batch = box.rank == 3 ? box.shape[0] : 1;
+        constexpr index_t tile = cuda::detail::transpose_tile;
+        if (batch > 65535 || (rows + tile - 1) / tile > 65535 || rows < tile || cols < tile) return false;
+        const index_t src_batch = box.rank == 3 ? s[0] : 0, dst_batch = box.rank == 3 ? d[0] : 0;
+        const dim3 grid(static_cast<unsigned>((cols + tile - 1) / tile), static_cast<unsigned>((rows + tile - 1) / tile),
+                        static_cast<unsigned>(batch));
+        cuda::detail::transpose_copy_kernel<T, std::uint32_t><<<grid, dim3(tile, 8), 0, ctx.queue()>>>(
+            static_cast<std::uint32_t>(rows), static_cast<std::uint32_t>(cols), static_cast<std::uint32_t>(src_batch),
+            static_cast<std::uint32_t>(s[last]), static_cast<std::uint32_t>(dst_batch), static_cast<std::uint32_t>(d[row_axis]), src, dst);
+        cuda::detail::check_launch("transpose_copy_kernel");
+        return true;
+    }
+
     /// dst[box] = src[box] (or += when accumulate), both read through strides.
     template <class T>
     static void strided_copy(context& ctx, const strided_copy_desc& d, const T* src, T* dst, bool accumulate) {
@@ -457,6 +489,18 @@ struct cuda_backend {
         }
         box = cuda::detail::coalesce(box, 2);
         const index_t n = cuda::detail::box_numel(box);
+        if (!accumulate && cuda::detail::box_fits_u32(box, 2, n)) {
+            const void* const ptrs[2] = {src, dst};
+            bool vector_ops[2] = {};
+            if (cuda::detail::vectorisable<T, 2>(box, ptrs, vector_ops) && vector_ops[0] && vector_ops[1]) {
+                const index_t vectors = n / cuda::detail::vector_width<T>;
+                cuda::detail::strided_copy_vector_kernel<T, std::uint32_t><<<cuda::detail::grid_for(vectors), cuda::detail::block_threads, 0,
+                                                                             ctx.queue()>>>(box, static_cast<std::uint32_t>(vectors), src, dst);
+                cuda::detail::check_launch("strided_copy_vector_kernel");
+                return;
+            }
+            if (transpose_copy(ctx, box, src, dst)) return;
+        }
         const auto grid = cuda::detail::grid_for(n);
         if (cuda::detail::box_fits_u32(box, 2, n))
             cuda::detail::strided_copy_kernel<T, std::uint32_t><<<grid, cuda::detail::block_threads, 0, ctx.queue()>>>(

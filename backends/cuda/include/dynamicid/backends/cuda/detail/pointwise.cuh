@@ -2,6 +2,8 @@
 // resampling and random-number kernels.
 #pragma once
 
+#include <cstdint>
+
 #include <dynamicid/backends/cuda/detail/common.cuh>
 #include <dynamicid/core/philox.hpp>
 
@@ -166,6 +168,58 @@ __global__ void binary_forward_kernel(binary_op op, strided_box box, I n, const 
     }
 }
 
+// ---- vectorised walks: 16 bytes per operand and thread ---------------------------------
+
+/// Values of T in 16 bytes.
+template <class T>
+inline constexpr int vector_width = static_cast<int>(16 / sizeof(T));
+
+/// True when a walk over `box` may move vector_width<T> values at a time:
+/// the innermost axis has stride 1 for the operands flagged in `vector_ops`
+/// (the others must have stride 0 there: one value serves the whole vector),
+/// its extent is a multiple of the width, every other stride of a vector
+/// operand keeps 16-byte alignment, and so do the base pointers.
+template <class T, int Operands>
+bool vectorisable(const strided_box& box, const void* const (&ptrs)[Operands], bool (&vector_ops)[Operands]) {
+    constexpr index_t w = vector_width<T>;
+    if (box.rank < 1) return false;
+    const auto last = static_cast<std::size_t>(box.rank - 1);
+    if (box.shape[last] % w != 0) return false;
+    for (int o = 0; o < Operands; ++o) {
+        const auto& st = box.strides[static_cast<std::size_t>(o)];
+        if (st[last] != 0 && st[last] != 1) return false;
+        vector_ops[o] = st[last] == 1;
+        if (!vector_ops[o]) continue;
+        if (reinterpret_cast<std::uintptr_t>(ptrs[o]) % 16 != 0) return false;
+        for (std::size_t a = 0; a < last; ++a)
+            if (st[a] % w != 0) return false;
+    }
+    return true;
+}
+
+/// binary_forward_kernel, vector_width<T> outputs per step; stride sets as
+/// there (the output's innermost stride is 1; a and b have 1 or 0).
+template <class T, class I>
+__global__ void binary_vector_kernel(binary_op op, strided_box box, I n_vectors, const T* a, const T* b, T* y) {
+    constexpr int W = vector_width<T>;
+    const int last = box.rank - 1;
+    const bool a_vector = box.strides[1][last] != 0, b_vector = box.strides[2][last] != 0;
+    for (I v = static_cast<I>(global_index()); v < n_vectors; v += static_cast<I>(global_stride())) {
+        I off[3];
+        box_offsets<3, I>(box, v * static_cast<I>(W), off);
+        uint4 va{}, vb{}, vy;
+        if (a_vector) va = *reinterpret_cast<const uint4*>(a + off[1]);
+        if (b_vector) vb = *reinterpret_cast<const uint4*>(b + off[2]);
+        const auto sa = a_vector ? accum_t<T>(0) : load(a, off[1]), sb = b_vector ? accum_t<T>(0) : load(b, off[2]);
+        const T* ea = reinterpret_cast<const T*>(&va);
+        const T* eb = reinterpret_cast<const T*>(&vb);
+        T* ey = reinterpret_cast<T*>(&vy);
+#pragma unroll
+        for (int k = 0; k < W; ++k) store(ey, k, binary_value(op, a_vector ? load(ea, k) : sa, b_vector ? load(eb, k) : sb));
+        *reinterpret_cast<uint4*>(y + off[0]) = vy;
+    }
+}
+
 /// Gradient of one operand (`which` 0: a, 1: b). `outer` holds the operand's
 /// own axes (one thread per element), `inner` the axes it is broadcast along,
 /// which each thread sums over in a fixed order (deterministic, no atomics).
@@ -254,6 +308,41 @@ __global__ void strided_copy_kernel(strided_box box, I n, const T* src, T* dst, 
         box_offsets<2, I>(box, i, off);
         if (accumulate) store(dst, off[1], load(dst, off[1]) + load(src, off[0]));
         else dst[off[1]] = src[off[0]];
+    }
+}
+
+/// strided_copy_kernel (no accumulation), 16 bytes per step: both innermost strides are 1.
+template <class T, class I>
+__global__ void strided_copy_vector_kernel(strided_box box, I n_vectors, const T* src, T* dst) {
+    constexpr int W = vector_width<T>;
+    for (I v = static_cast<I>(global_index()); v < n_vectors; v += static_cast<I>(global_stride())) {
+        I off[2];
+        box_offsets<2, I>(box, v * static_cast<I>(W), off);
+        *reinterpret_cast<uint4*>(dst + off[1]) = *reinterpret_cast<const uint4*>(src + off[0]);
+    }
+}
+
+inline constexpr int transpose_tile = 32;
+
+/// dst[b, r, c] = src[b, r, c] for dst rows of `cols` contiguous values and
+/// src contiguous along r (src offset b * src_batch + r + c * src_col): a
+/// batch of matrix transposes through a shared 32 x 32 tile, so that both the
+/// reads and the writes are coalesced. Grid (ceil(cols / 32), ceil(rows / 32),
+/// batch), 32 x 8 threads.
+template <class T, class I>
+__global__ void transpose_copy_kernel(I rows, I cols, I src_batch, I src_col, I dst_batch, I dst_row, const T* src, T* dst) {
+    __shared__ T tile[transpose_tile][transpose_tile + 1];
+    const I b = blockIdx.z, r0 = static_cast<I>(blockIdx.y) * transpose_tile, c0 = static_cast<I>(blockIdx.x) * transpose_tile;
+    const T* s = src + b * src_batch;
+    T* d = dst + b * dst_batch;
+    for (int j = threadIdx.y; j < transpose_tile; j += blockDim.y) {
+        const I r = r0 + threadIdx.x, c = c0 + j;
+        if (r < rows && c < cols) tile[j][threadIdx.x] = s[r + c * src_col];
+    }
+    __syncthreads();
+    for (int j = threadIdx.y; j < transpose_tile; j += blockDim.y) {
+        const I r = r0 + j, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) d[r * dst_row + c] = tile[threadIdx.x][j];
     }
 }
 
