@@ -1,6 +1,7 @@
 // dynamicid CLI: `dynamicid train base|anchor|imr --config file.json` and
 // `dynamicid train init FOLDER` (see train_command.hpp).
 #include "train_command.hpp"
+#include "train_runner.hpp"
 
 #include <dynamicid/backends/cpu.hpp>
 #include <dynamicid/training/anchor_trainer.hpp>
@@ -31,8 +32,36 @@ namespace {
 std::atomic<bool> interrupted{false};
 extern "C" void on_interrupt(int) { interrupted.store(true); }
 
+}  // namespace
+
+namespace detail {
+
+void handle_interrupts(bool on) { std::signal(SIGINT, on ? on_interrupt : SIG_DFL); }
+bool interrupt_requested() { return interrupted.load(); }
+
+void draw_progress(const dynamicid::training::train_progress& p) {
+    constexpr int width = 30;
+    const int filled = p.total > 0 ? static_cast<int>(width * p.step / p.total) : 0;
+    std::string bar(static_cast<std::size_t>(filled), '#');
+    bar.resize(width, '.');
+    const double eta = p.step > 0 ? p.seconds / static_cast<double>(p.step) * static_cast<double>(p.total - p.step) : 0.0;
+    std::fprintf(stderr, "\r[%s] %lld/%lld loss %.5f lr %.3g %.2f samples/s eta %.0fs ", bar.c_str(), static_cast<long long>(p.step),
+                 static_cast<long long>(p.total), p.loss, p.lr, p.samples_per_second, eta);
+    std::fflush(stderr);
+}
+
+#if !defined(DYNAMICID_CLI_ONEDNN)
+int train_on_onednn(const std::string&, const nlohmann::json&, int) {
+    throw dynamicid::value_error("train", "--backend onednn: this dynamicid was built without the oneDNN backend (libdnnl-dev)");
+}
+#endif
+
+}  // namespace detail
+
+namespace {
+
 constexpr const char* usage =
-    "usage: dynamicid train base|id|anchor|imr --config FILE.json [--threads N]\n"
+    "usage: dynamicid train base|id|anchor|imr --config FILE.json [--threads N] [--backend cpu|onednn]\n"
     "       dynamicid train init MODEL/text_encoder|unet|vae|image_encoder [--seed N]\n"
     "       dynamicid train scale MODEL --manifest FILE.jsonl [--images N] [--resolution R]\n"
     "       dynamicid train export MODEL OUT_DIR\n"
@@ -51,38 +80,9 @@ constexpr const char* usage =
     "  clip, checkpoint_every, resume, scale, margin, net {input_size, widths, blocks, embedding_size}, target, crop (face|full);\n"
     "  anchor: resolution, rank, init_checkpoint, projection_init, num_tokens, projection_depth, id_drop, text_drop,\n"
     "  both_drop, gate; imr: saa_checkpoint, imr_init, keypoint_encoder_init, targets, resolution, lambda,\n"
-    "  landmark_frame, gate. Checkpoints: OUTPUT_DIR/checkpoint-<step>/, log: OUTPUT_DIR/train_log.csv.\n";
-
-void draw(const dynamicid::training::train_progress& p) {
-    constexpr int width = 30;
-    const int filled = p.total > 0 ? static_cast<int>(width * p.step / p.total) : 0;
-    std::string bar(static_cast<std::size_t>(filled), '#');
-    bar.resize(width, '.');
-    const double eta = p.step > 0 ? p.seconds / static_cast<double>(p.step) * static_cast<double>(p.total - p.step) : 0.0;
-    std::fprintf(stderr, "\r[%s] %lld/%lld loss %.5f lr %.3g %.2f samples/s eta %.0fs ", bar.c_str(), static_cast<long long>(p.step),
-                 static_cast<long long>(p.total), p.loss, p.lr, p.samples_per_second, eta);
-    std::fflush(stderr);
-}
-
-template <class Trainer, class Config>
-int train(const nlohmann::json& j, int threads_override) {
-    auto cfg = Config::from_json(j);
-    if (threads_override > 0) cfg.threads = threads_override;
-    dynamicid::cpu_backend::context ctx{};
-    if (cfg.threads > 0) ctx.threads = cfg.threads;
-    Trainer trainer(ctx, cfg);
-    std::fprintf(stderr, "training from step %lld to %lld\n", static_cast<long long>(trainer.step()), static_cast<long long>(cfg.steps));
-    std::stop_source stop;
-    std::signal(SIGINT, on_interrupt);
-    trainer.run(ctx, stop.get_token(), [&](const dynamicid::training::train_progress& p) {
-        draw(p);
-        if (interrupted.load()) stop.request_stop();
-    });
-    std::signal(SIGINT, SIG_DFL);
-    std::fprintf(stderr, "\n%s at step %lld; checkpoints in %s\n", interrupted.load() ? "stopped" : "done",
-                 static_cast<long long>(trainer.step()), cfg.output_dir.string().c_str());
-    return interrupted.load() ? 130 : 0;
-}
+    "  landmark_frame, gate. Checkpoints: OUTPUT_DIR/checkpoint-<step>/, log: OUTPUT_DIR/train_log.csv.\n"
+    "--backend: base, anchor and imr run on the reference CPU backend (cpu, the default) or on oneDNN (onednn,\n"
+    "  when built with it; faster, not bit-identical); checkpoints of either resume on the other.\n";
 
 /// The identity encoder on the face world: each step draws `batch` pictures
 /// of identities first_id .. first_id + identities - 1 (random expression,
@@ -166,7 +166,7 @@ int train_identity(const nlohmann::json& j, int threads_override) {
     std::stop_source stop;
     std::signal(SIGINT, on_interrupt);
     trainer.run(ctx, stop.get_token(), [&](const tr::train_progress& p) {
-        draw(p);
+        detail::draw_progress(p);
         if (interrupted.load()) stop.request_stop();
     });
     std::signal(SIGINT, SIG_DFL);
@@ -270,12 +270,16 @@ int export_model(const std::filesystem::path& model, const std::filesystem::path
 int run_train_command(int argc, char** argv) {
     std::string stage, config, folder, second, manifest;
     int threads = 0;
+    std::string backend = "cpu";
     unsigned long long seed = 0;
     long long images = 256, resolution = 64;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
-        if ((a == "--config" || a == "--threads" || a == "--seed" || a == "--manifest" || a == "--images" || a == "--resolution") && i + 1 < argc) {
+        if ((a == "--config" || a == "--threads" || a == "--seed" || a == "--manifest" || a == "--images" || a == "--resolution" ||
+             a == "--backend") &&
+            i + 1 < argc) {
             if (a == "--config") config = argv[++i];
+            else if (a == "--backend") backend = argv[++i];
             else if (a == "--seed") seed = std::strtoull(argv[++i], nullptr, 10);
             else if (a == "--manifest") manifest = argv[++i];
             else if (a == "--images") images = std::atoll(argv[++i]);
@@ -340,10 +344,16 @@ int run_train_command(int argc, char** argv) {
         if (j.is_object() && j.contains("stage") && j["stage"] != stage)
             throw dynamicid::value_error("train", "config '" + config + "' is for the '" + j["stage"].dump() + "' stage");
         namespace tr = dynamicid::training;
-        if (stage == "anchor") return train<tr::anchor_trainer<dynamicid::cpu_backend>, tr::anchor_trainer_config>(j, threads);
-        if (stage == "base") return train<tr::base_trainer<dynamicid::cpu_backend>, tr::base_trainer_config>(j, threads);
-        if (stage == "id") return train_identity(j, threads);
-        return train<tr::imr_trainer<dynamicid::cpu_backend>, tr::imr_trainer_config>(j, threads);
+        using B = dynamicid::cpu_backend;
+        if (backend != "cpu" && backend != "onednn") throw dynamicid::value_error("train", "--backend must be cpu or onednn, got '" + backend + "'");
+        if (stage == "id") {
+            if (backend != "cpu") throw dynamicid::value_error("train", "the id stage runs on the cpu backend only");
+            return train_identity(j, threads);
+        }
+        if (backend == "onednn") return detail::train_on_onednn(stage, j, threads);
+        if (stage == "anchor") return detail::run_trainer<B, tr::anchor_trainer<B>, tr::anchor_trainer_config>(j, threads);
+        if (stage == "base") return detail::run_trainer<B, tr::base_trainer<B>, tr::base_trainer_config>(j, threads);
+        return detail::run_trainer<B, tr::imr_trainer<B>, tr::imr_trainer_config>(j, threads);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "\ndynamicid train: %s\n", e.what());
         return 1;

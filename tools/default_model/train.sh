@@ -17,7 +17,10 @@
 #   WORK_DIR  checkpoints and data (default: default-model-work); rerun to resume
 #   OUT_DIR   the finished model (default: data/default_model)
 # Environment: DYNAMICID (the CLI, default build/examples/generate/dynamicid),
-#   THREADS (default: all cores), SCALE (multiplies every stage's steps, default 1).
+#   THREADS (default: all cores), SCALE (multiplies every stage's steps, default 1),
+#   BACKEND (cpu or onednn: the backend of the vae, unet, anchor and imr stages;
+#   default cpu, which the shipped weights were trained with; onednn runs
+#   those stages 1.6-2.4x faster, with results that differ in the last bits).
 # Every stage resumes from its newest checkpoint; a finished stage is skipped.
 set -euo pipefail
 
@@ -28,6 +31,7 @@ out="$(realpath -m "${2:-$root/data/default_model}")"
 cli="$(realpath -m "${DYNAMICID:-$root/build/examples/generate/dynamicid}")"
 threads="${THREADS:-0}"
 scale="${SCALE:-1}"
+backend="${BACKEND:-cpu}"
 [[ -x "$cli" ]] || { echo "train.sh: no dynamicid CLI at $cli (build the dynamicid_cli target or set DYNAMICID)" >&2; exit 1; }
 
 mkdir -p "$work"
@@ -77,23 +81,23 @@ stage_init() {
 }
 stage_vae() {
     config vae
-    "$cli" train base --config vae.json --threads "$threads"
+    "$cli" train base --config vae.json --threads "$threads" --backend "$backend"
     rm -rf model/vae && cp -r "$(newest vae)/vae" model/vae
     "$cli" train scale model --manifest world/train.jsonl --images 512
 }
 stage_unet() {
     config unet
-    "$cli" train base --config unet.json --threads "$threads"
+    "$cli" train base --config unet.json --threads "$threads" --backend "$backend"
     rm -rf model/unet && cp -r "$(newest unet)/unet" model/unet
 }
 stage_anchor() {
     config anchor
-    "$cli" train anchor --config anchor.json --threads "$threads"
+    "$cli" train anchor --config anchor.json --threads "$threads" --backend "$backend"
     cp "$(newest anchor)/SAA.safetensors" model/SAA.safetensors
 }
 stage_imr() {
     config imr
-    "$cli" train imr --config imr.json --threads "$threads"
+    "$cli" train imr --config imr.json --threads "$threads" --backend "$backend"
     cp "$(newest imr)/IMR.safetensors" model/IMR.safetensors
     cp "$(newest imr)/key_point_encoder.safetensors" model/key_point_encoder.safetensors
 }
