@@ -32,6 +32,9 @@
 
 #include <dynamicid/analysis/flops.hpp>
 #include <dynamicid/backends/cpu.hpp>
+#if defined(DYNAMICID_CLI_ONEDNN)
+#include <dynamicid/backends/onednn.hpp>
+#endif
 #include <dynamicid/modules/clip/image_file.hpp>
 #include <dynamicid/modules/dynamicid/face_prompt.hpp>
 #include <dynamicid/modules/dynamicid/landmark_raster.hpp>
@@ -63,9 +66,6 @@
 namespace {
 
 namespace fs = std::filesystem;
-using backend = dynamicid::cpu_backend;
-using pipeline = dynamicid::pipelines::text_to_image<backend>;
-using id_pipeline = dynamicid::pipelines::dynamicid_pipeline<backend>;
 using clock_type = std::chrono::steady_clock;
 
 constexpr const char* usage_text =
@@ -88,6 +88,7 @@ constexpr const char* usage_text =
     "  --images N        images for the prompt (default 1; files get -0, -1, ... suffixes)\n"
     "  --eta X           DDIM eta (default 0, deterministic)\n"
     "  --threads N       CPU threads (default 0: all)\n"
+    "  --backend NAME    cpu (the reference backend, default) or onednn (faster; when built with it)\n"
     "  --out FILE        output PNG (default out.png)\n"
     "\n"
     "DynamicID (one --id per person; guidance defaults to 5 then):\n"
@@ -127,6 +128,7 @@ struct cli_options {
     bool size_given = false, steps_given = false;
     double eta = 0.0;
     int threads = 0;
+    std::string backend = "cpu";
     std::string out = "out.png";
     std::optional<double> guidance_given;
 
@@ -195,6 +197,7 @@ cli_options parse(int argc, char** argv) {
         else if (flag == "--images") o.images = parse_number<long long>(flag, value);
         else if (flag == "--eta") o.eta = parse_number<double>(flag, value);
         else if (flag == "--threads") o.threads = parse_number<int>(flag, value);
+        else if (flag == "--backend") o.backend = value;
         else if (flag == "--out") o.out = value;
         else if (flag == "--id") o.ids.push_back({.spec = value});
         else if (flag == "--saa") o.saa = value;
@@ -407,10 +410,12 @@ dynamicid::pipelines::dynamicid_identity make_identity(const cli_options::identi
     return who;
 }
 
+template <class B>
 int generate_with_identities(const cli_options& o) {
+    using id_pipeline = dynamicid::pipelines::dynamicid_pipeline<B>;
     if (!o.saa) throw usage_error{"--id needs --saa FILE (the DynamicID or IP-Adapter-FaceID-Plus weights)"};
     if (!o.image_encoder) throw usage_error{"--id needs --image-encoder DIR (CLIP-ViT-H/14: config.json, model.safetensors)"};
-    backend::context ctx{.threads = o.threads};
+    typename B::context ctx{.threads = o.threads};
     const auto load_start = clock_type::now();
     std::fprintf(stderr, "loading %s + %s ...\n", o.model->c_str(), o.saa->c_str());
     dynamicid::pipelines::dynamicid_paths paths{.sd_model = *o.model, .saa_checkpoint = *o.saa, .image_encoder = *o.image_encoder};
@@ -444,7 +449,7 @@ int generate_with_identities(const cli_options& o) {
                  static_cast<unsigned long long>(o.seed), ctx.thread_count());
 
     progress_reporter progress;
-    id_pipeline::controls controls;
+    typename id_pipeline::controls controls;
     controls.on_progress = [&progress](std::size_t done, std::size_t total) { progress(done, total); };
     std::optional<dynamicid::visual::activation_recorder> recorder;
     if (o.maps) {
@@ -511,21 +516,41 @@ void use_default_model(cli_options& o) {
     if (!o.imr && fs::exists(dir / "IMR.safetensors")) o.imr = (dir / "IMR.safetensors").string();
 }
 
+template <class B>
+int generate_text_to_image(const cli_options& o);
+
 int generate(int argc, char** argv) {
     cli_options o = parse(argc, argv);
     if (!o.model) use_default_model(o);
     if (!o.prompt) throw usage_error{"--prompt is required"};
-    if (!o.ids.empty()) return generate_with_identities(o);
+    if (o.backend != "cpu" && o.backend != "onednn") throw usage_error{"--backend must be cpu or onednn, got '" + o.backend + "'"};
+#if !defined(DYNAMICID_CLI_ONEDNN)
+    if (o.backend == "onednn") throw usage_error{"--backend onednn: this dynamicid was built without the oneDNN backend (libdnnl-dev)"};
+#endif
+    if (!o.ids.empty()) {
+#if defined(DYNAMICID_CLI_ONEDNN)
+        if (o.backend == "onednn") return generate_with_identities<dynamicid::onednn_backend>(o);
+#endif
+        return generate_with_identities<dynamicid::cpu_backend>(o);
+    }
     if (o.saa || o.image_encoder || o.imr || o.kpe || o.maps || o.mix || o.alpha || o.boost_steps)
         throw usage_error{"--saa, --image-encoder, --imr, --kpe, --maps, --mix, --alpha and --boost-steps need at least one --id"};
+#if defined(DYNAMICID_CLI_ONEDNN)
+    if (o.backend == "onednn") return generate_text_to_image<dynamicid::onednn_backend>(o);
+#endif
+    return generate_text_to_image<dynamicid::cpu_backend>(o);
+}
 
-    backend::context ctx{.threads = o.threads};
+template <class B>
+int generate_text_to_image(const cli_options& o) {
+    using pipeline = dynamicid::pipelines::text_to_image<B>;
+    typename B::context ctx{.threads = o.threads};
     const auto load_start = clock_type::now();
     std::fprintf(stderr, "loading %s ...\n", o.model->c_str());
     const auto pipe = pipeline::load(ctx, fs::path(*o.model));
     const double load_seconds = std::chrono::duration<double>(clock_type::now() - load_start).count();
 
-    const pipeline::options opts{.prompts = {*o.prompt},
+    const typename pipeline::options opts{.prompts = {*o.prompt},
                                  .negative_prompts = {o.negative},
                                  .guidance_scale = o.guidance,
                                  .steps = o.steps,
@@ -539,7 +564,7 @@ int generate(int argc, char** argv) {
                  o.steps, o.guidance, static_cast<unsigned long long>(o.seed), ctx.thread_count());
 
     progress_reporter progress;
-    pipeline::controls controls;
+    typename pipeline::controls controls;
     controls.on_progress = [&progress](std::size_t done, std::size_t total) { progress(done, total); };
     const auto start = clock_type::now();
     const auto result = pipe.generate(ctx, opts, controls);
