@@ -519,6 +519,15 @@ void use_default_model(cli_options& o) {
 template <class B>
 int generate_text_to_image(const cli_options& o);
 
+/// run.template operator()<B>() with B the backend --backend names (checked before).
+template <class Run>
+int on_backend([[maybe_unused]] const cli_options& o, Run&& run) {
+#if defined(DYNAMICID_CLI_ONEDNN)
+    if (o.backend == "onednn") return run.template operator()<dynamicid::onednn_backend>();
+#endif
+    return run.template operator()<dynamicid::cpu_backend>();
+}
+
 int generate(int argc, char** argv) {
     cli_options o = parse(argc, argv);
     if (!o.model) use_default_model(o);
@@ -527,18 +536,10 @@ int generate(int argc, char** argv) {
 #if !defined(DYNAMICID_CLI_ONEDNN)
     if (o.backend == "onednn") throw usage_error{"--backend onednn: this dynamicid was built without the oneDNN backend (libdnnl-dev)"};
 #endif
-    if (!o.ids.empty()) {
-#if defined(DYNAMICID_CLI_ONEDNN)
-        if (o.backend == "onednn") return generate_with_identities<dynamicid::onednn_backend>(o);
-#endif
-        return generate_with_identities<dynamicid::cpu_backend>(o);
-    }
+    if (!o.ids.empty()) return on_backend(o, [&]<class B>() { return generate_with_identities<B>(o); });
     if (o.saa || o.image_encoder || o.imr || o.kpe || o.maps || o.mix || o.alpha || o.boost_steps)
         throw usage_error{"--saa, --image-encoder, --imr, --kpe, --maps, --mix, --alpha and --boost-steps need at least one --id"};
-#if defined(DYNAMICID_CLI_ONEDNN)
-    if (o.backend == "onednn") return generate_text_to_image<dynamicid::onednn_backend>(o);
-#endif
-    return generate_text_to_image<dynamicid::cpu_backend>(o);
+    return on_backend(o, [&]<class B>() { return generate_text_to_image<B>(o); });
 }
 
 template <class B>

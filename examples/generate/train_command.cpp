@@ -4,10 +4,7 @@
 #include "train_runner.hpp"
 
 #include <dynamicid/backends/cpu.hpp>
-#include <dynamicid/training/anchor_trainer.hpp>
-#include <dynamicid/training/base_trainer.hpp>
 #include <dynamicid/training/id_trainer.hpp>
-#include <dynamicid/training/imr_trainer.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -164,15 +161,15 @@ int train_identity(const nlohmann::json& j, int threads_override) {
         std::fprintf(stderr, "training the %s classifier (%lld classes, %s input) from step %lld to %lld\n", target.c_str(),
                      static_cast<long long>(cfg.num_classes), crop.c_str(), static_cast<long long>(trainer.step()), static_cast<long long>(cfg.steps));
     std::stop_source stop;
-    std::signal(SIGINT, on_interrupt);
+    detail::handle_interrupts(true);
     trainer.run(ctx, stop.get_token(), [&](const tr::train_progress& p) {
         detail::draw_progress(p);
-        if (interrupted.load()) stop.request_stop();
+        if (detail::interrupt_requested()) stop.request_stop();
     });
-    std::signal(SIGINT, SIG_DFL);
-    std::fprintf(stderr, "\n%s at step %lld (batch accuracy %.3f); checkpoints in %s\n", interrupted.load() ? "stopped" : "done",
+    detail::handle_interrupts(false);
+    std::fprintf(stderr, "\n%s at step %lld (batch accuracy %.3f); checkpoints in %s\n", detail::interrupt_requested() ? "stopped" : "done",
                  static_cast<long long>(trainer.step()), trainer.last_accuracy(), cfg.output_dir.string().c_str());
-    return interrupted.load() ? 130 : 0;
+    return detail::interrupt_requested() ? 130 : 0;
 }
 
 /// `train scale`: the VAE latents' standard deviation over the first `images`
@@ -343,17 +340,13 @@ int run_train_command(int argc, char** argv) {
         }
         if (j.is_object() && j.contains("stage") && j["stage"] != stage)
             throw dynamicid::value_error("train", "config '" + config + "' is for the '" + j["stage"].dump() + "' stage");
-        namespace tr = dynamicid::training;
-        using B = dynamicid::cpu_backend;
         if (backend != "cpu" && backend != "onednn") throw dynamicid::value_error("train", "--backend must be cpu or onednn, got '" + backend + "'");
         if (stage == "id") {
             if (backend != "cpu") throw dynamicid::value_error("train", "the id stage runs on the cpu backend only");
             return train_identity(j, threads);
         }
         if (backend == "onednn") return detail::train_on_onednn(stage, j, threads);
-        if (stage == "anchor") return detail::run_trainer<B, tr::anchor_trainer<B>, tr::anchor_trainer_config>(j, threads);
-        if (stage == "base") return detail::run_trainer<B, tr::base_trainer<B>, tr::base_trainer_config>(j, threads);
-        return detail::run_trainer<B, tr::imr_trainer<B>, tr::imr_trainer_config>(j, threads);
+        return detail::run_stage<dynamicid::cpu_backend>(stage, j, threads);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "\ndynamicid train: %s\n", e.what());
         return 1;

@@ -4,7 +4,10 @@
 // backend, train_onednn.cpp for oneDNN.
 #pragma once
 
+#include <dynamicid/training/anchor_trainer.hpp>
+#include <dynamicid/training/base_trainer.hpp>
 #include <dynamicid/training/detail/trainer_common.hpp>
+#include <dynamicid/training/imr_trainer.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -45,8 +48,17 @@ int run_trainer(const nlohmann::json& j, int threads_override) {
     return interrupt_requested() ? 130 : 0;
 }
 
-/// base, anchor or imr on the oneDNN backend (train_onednn.cpp); throws when
-/// the CLI was built without it.
+/// `stage` (base, anchor or imr) on backend B.
+template <class B>
+int run_stage(const std::string& stage, const nlohmann::json& j, int threads_override) {
+    namespace tr = dynamicid::training;
+    if (stage == "anchor") return run_trainer<B, tr::anchor_trainer<B>, tr::anchor_trainer_config>(j, threads_override);
+    if (stage == "base") return run_trainer<B, tr::base_trainer<B>, tr::base_trainer_config>(j, threads_override);
+    return run_trainer<B, tr::imr_trainer<B>, tr::imr_trainer_config>(j, threads_override);
+}
+
+/// run_stage on the oneDNN backend (train_onednn.cpp); throws when the CLI
+/// was built without it.
 int train_on_onednn(const std::string& stage, const nlohmann::json& j, int threads_override);
 
 }  // namespace dynamicid_cli::detail

@@ -131,22 +131,13 @@ struct flash_geometry {
 };
 
 /// Keys [k0, k0 + rows) of `src` (row stride D) into `dst` (row stride S),
-/// zero rows past `valid`; columns D.. are left alone.
+/// one value at a time (rows not 16-byte aligned; aligned ones go through
+/// cp_async16), zero rows past `valid`; columns D.. are left alone.
 template <int D, int S>
-__device__ __forceinline__ void load_kv_tile(std::uint16_t* dst, const std::uint16_t* src, int rows, index_t valid, bool vectorised) {
-    if (vectorised) {  // 16-byte aligned rows: 8 values per load
-        constexpr int chunks = D / 8;
-        for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
-            const int r = idx / chunks, c = (idx - r * chunks) * 8;
-            uint4 value = make_uint4(0, 0, 0, 0);
-            if (r < valid) value = *reinterpret_cast<const uint4*>(src + static_cast<index_t>(r) * D + c);
-            *reinterpret_cast<uint4*>(dst + r * S + c) = value;
-        }
-    } else {
-        for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
-            const int r = idx / D, c = idx - r * D;
-            dst[r * S + c] = r < valid ? src[static_cast<index_t>(r) * D + c] : std::uint16_t{0};
-        }
+__device__ __forceinline__ void load_kv_tile(std::uint16_t* dst, const std::uint16_t* src, int rows, index_t valid) {
+    for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+        const int r = idx / D, c = idx - r * D;
+        dst[r * S + c] = r < valid ? src[static_cast<index_t>(r) * D + c] : std::uint16_t{0};
     }
 }
 
@@ -214,8 +205,8 @@ __global__ void __launch_bounds__(128)
             }
             asm volatile("cp.async.commit_group;\n" ::);
         } else {
-            load_kv_tile<D, S>(kd, k + k0 * D, BN, lk - k0, false);
-            load_kv_tile<D, S>(vd, v + k0 * D, BN, lk - k0, false);
+            load_kv_tile<D, S>(kd, k + k0 * D, BN, lk - k0);
+            load_kv_tile<D, S>(vd, v + k0 * D, BN, lk - k0);
         }
     };
 
