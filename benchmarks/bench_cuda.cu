@@ -20,6 +20,8 @@
 // and vs_torch = PyTorch's time / ours when the PyTorch figures of the same
 // run are given (tools/bench/pytorch_cuda_baseline.py prints them; the device
 // script tools/device/run_cuda_checks.sh passes them on).
+#include "random_weights.hpp"
+
 #include <dynamicid/analysis/flops.hpp>
 #include <dynamicid/backends/cuda.cuh>
 #include <dynamicid/io/safetensors.hpp>
@@ -137,67 +139,10 @@ void bm_attention(benchmark::State& state) {
     }
 }
 
-/// Parses "'<key>' has shape (1), expected (a, b, ...)" (weight_binder's wording).
-bool parse_problem(const std::string& problem, std::string& key, std::vector<index_t>& dims) {
-    const std::string marker = "' has shape (1), expected (";
-    const auto end_key = problem.find(marker);
-    if (problem.size() < 2 || problem.front() != '\'' || end_key == std::string::npos) return false;
-    key = problem.substr(1, end_key - 1);
-    dims.clear();
-    std::string_view rest = std::string_view(problem).substr(end_key + marker.size());
-    while (!rest.empty() && rest.front() != ')') {
-        std::size_t used = 0;
-        dims.push_back(std::stoll(std::string(rest), &used));
-        rest.remove_prefix(used);
-        while (!rest.empty() && (rest.front() == ',' || rest.front() == ' ')) rest.remove_prefix(1);
-    }
-    return true;
-}
-
-/// Random SD1.5 UNet weights: a first bind against a one-tensor file makes the
-/// binder list every parameter's expected shape; the second maps each key to
-/// a shared prototype of its shape (N(0, 1/fan_in) matrices and kernels, ones
-/// for norm scales, zeros for biases).
+/// Random SD1.5 UNet weights (random_weights.hpp), bound in f16.
 modules::weight_source random_unet_weights(cuda_backend::context& ctx, const modules::unet::unet_config& cfg) {
-    using unet_t = modules::unet::unet_2d_condition<cuda_backend, half>;
-    dynamicid::io::safetensors_writer probe_writer;
-    probe_writer.add("probe", shape({1}), std::vector<float>{0.0f});
-    const auto probe_bytes = probe_writer.to_bytes();
-    auto probe_file = std::make_shared<const dynamicid::io::safetensors_file>(dynamicid::io::safetensors_file::from_memory(probe_bytes));
-    modules::weight_source probe({probe_file}, [](std::string_view) { return std::string("probe"); });
-    modules::weight_binder<cuda_backend, half> probe_binder(ctx, probe);
-    (void)unet_t::bind(probe_binder, cfg);
-
-    std::map<std::string, std::string> key_to_proto;
-    std::set<std::string> seen;
-    dynamicid::io::safetensors_writer writer;
-    std::mt19937_64 rng(1234);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::string key;
-    std::vector<index_t> dims;
-    for (const auto& problem : probe_binder.problems()) {
-        if (!parse_problem(problem, key, dims)) throw dynamicid::value_error("bench", "unexpected binder problem: " + problem);
-        const bool vector = dims.size() == 1, norm_scale = vector && key.ends_with(".weight");
-        std::string proto = vector ? (norm_scale ? "ones" : "zeros") : "normal";
-        for (auto d : dims) proto += "_" + std::to_string(d);
-        key_to_proto[key] = proto;
-        if (!seen.insert(proto).second) continue;
-        const shape s(dims);
-        std::vector<float> values(static_cast<std::size_t>(s.numel()));
-        if (vector) {
-            std::fill(values.begin(), values.end(), norm_scale ? 1.0f : 0.0f);
-        } else {
-            const float gain = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.numel() / s[0])));
-            for (auto& v : values) v = normal(rng) * gain;
-        }
-        writer.add(proto, s, values);
-    }
-    const auto bytes = writer.to_bytes();
-    auto file = std::make_shared<const dynamicid::io::safetensors_file>(dynamicid::io::safetensors_file::from_memory(bytes));
-    return modules::weight_source({file}, [map = std::move(key_to_proto)](std::string_view k) {
-        const auto it = map.find(std::string(k));
-        return it == map.end() ? std::string(k) : it->second;
-    });
+    return dynamicid::bench::random_weight_source<cuda_backend, half>(
+        ctx, [&](auto& b) { (void)modules::unet::unet_2d_condition<cuda_backend, half>::bind(b, cfg); }, 1234);
 }
 
 void bm_unet(benchmark::State& state) {

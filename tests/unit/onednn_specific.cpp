@@ -16,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -121,6 +122,37 @@ TEST_CASE("onednn: the UNet's primitives run on oneDNN in f32", "[onednn]") { ch
 // bf16 inputs, bf16 results and intermediates against the f32 reference on the same inputs.
 TEST_CASE("onednn: the UNet's primitives run on oneDNN in bf16", "[onednn]") { check_native_mix<bfloat16>(4e-2); }
 
+// The attention runs a block of query rows (or of heads) at a time, on one
+// context or (several threads) one worker per thread; these shapes cut it into
+// several blocks with a partial last one, both ways.
+TEST_CASE("onednn: blocked attention matches the composed reference", "[onednn][attention]") {
+    STATIC_REQUIRE(dynamicid::has_fused_attention<onednn_backend, float>);
+    STATIC_REQUIRE(dynamicid::has_fused_attention<onednn_backend, bfloat16>);
+    using block = std::pair<dynamicid::index_t, dynamicid::index_t>;
+    const dynamicid::index_t shared = dynamicid::index_t{1} << 20, per_thread = dynamicid::index_t{1} << 18;
+    CHECK(onednn_backend::attention_block(2, 1500, 1000, shared) == block{1, 1040});
+    CHECK(onednn_backend::attention_block(3, 400, 1000, shared) == block{2, 400});
+    CHECK(onednn_backend::attention_block(16, 4096, 77, shared) == block{3, 4096});
+    CHECK(onednn_backend::attention_block(1, 1500, 1000, per_thread) == block{1, 256});
+    CHECK(onednn_backend::attention_block(8, 4096, 4096, per_thread) == block{1, 64});
+    auto attention = [](auto& c, const auto& in) { return ops::attention(c, in[0], in[1], in[2]); };
+    for (int threads : {1, 2}) {
+        onednn_backend::context ctx{.threads = threads};
+        const std::string on = " on " + std::to_string(threads) + " threads";
+        compare_with_reference<float>(ctx, "attention, query blocks" + on, {{2, 1500, 40}, {2, 1000, 40}, {2, 1000, 24}}, 1e-4, attention, 161);
+        compare_with_reference<float>(ctx, "attention, head blocks" + on, {{3, 400, 80}, {3, 1000, 80}, {3, 1000, 80}}, 1e-4, attention, 171);
+        compare_with_reference<float>(ctx, "attention, one head" + on, {{1, 700, 40}, {1, 900, 40}, {1, 900, 40}}, 1e-4, attention, 175);
+        compare_with_reference<bfloat16>(ctx, "attention, query blocks bf16" + on, {{2, 1500, 40}, {2, 1000, 40}, {2, 1000, 24}}, 4e-2,
+                                         attention, 181);
+        CHECK(ctx.runtime().unsupported() == 0);
+    }
+    // No keys: the composed path's empty softmax gives zeros.
+    onednn_backend::context ctx{.threads = 2};
+    const auto q = ops::randn<onednn_backend, float>(ctx, {2, 3, 8}, 1);
+    const auto none = dynamicid::tensor<onednn_backend, float>::empty(ctx, {2, 0, 8});
+    for (double v : download(ctx, ops::attention(ctx, q, none, none))) CHECK(v == 0.0);
+}
+
 TEST_CASE("onednn: primitives are planned once per configuration", "[onednn]") {
     onednn_backend::context ctx{.threads = 1};
     const auto x = ops::randn<onednn_backend, float>(ctx, {2, 8, 6, 6}, 1);
@@ -175,6 +207,48 @@ TEST_CASE("onednn: a fully masked softmax row is zeros in bf16 too", "[onednn]")
     for (std::size_t i = 4; i < 8; ++i) CHECK(y[i] == 0.0);
     CHECK(y[2] == 0.0);
     CHECK(std::abs(y[0] + y[1] + y[3] - 1.0) < 1e-2);
+}
+
+TEST_CASE("onednn: large host allocations are cached for reuse", "[onednn]") {
+    onednn_backend::context ctx{.threads = 1};
+    const std::size_t n = (std::size_t{4} << 20) / sizeof(float);  // 4 MiB
+    const float* first = nullptr;
+    {
+        auto a = onednn_backend::allocate<float>(ctx, n);
+        first = a.data();
+        a.data()[n - 1] = 1.0f;
+    }
+    auto* pool = ctx.runtime().pool_if_made();
+    REQUIRE(pool != nullptr);
+    CHECK(pool->cached_bytes() >= n * sizeof(float));
+    {
+        auto b = onednn_backend::allocate<float>(ctx, n - 1000);  // a little smaller: the same block
+        CHECK(b.data() == first);
+        CHECK(pool->hits() == 1);
+        CHECK(pool->cached_bytes() == 0);
+        // Freed on another thread: the pool takes it back all the same.
+        std::thread([moved = std::move(b)]() mutable { moved = {}; }).join();
+    }
+    CHECK(pool->cached_bytes() >= n * sizeof(float));
+    {
+        auto c = onednn_backend::allocate<float>(ctx, n * 2);  // too large for the cached block
+        CHECK(pool->misses() >= 2);
+    }
+    onednn_backend::release_cached(ctx);
+    CHECK(pool->cached_bytes() == 0);
+    // Small allocations and a zero limit bypass the cache.
+    { auto small = onednn_backend::allocate<float>(ctx, 16); }
+    CHECK(pool->cached_bytes() == 0);
+    ctx.host_cache_bytes = 0;
+    { auto big = onednn_backend::allocate<float>(ctx, n); }
+    CHECK(pool->cached_bytes() == 0);
+    // A limit below the cached total trims the cache when it changes.
+    ctx.host_cache_bytes = std::size_t{64} << 20;
+    { auto big = onednn_backend::allocate<float>(ctx, n); }
+    CHECK(pool->cached_bytes() >= n * sizeof(float));
+    ctx.host_cache_bytes = 1;
+    { auto tiny = onednn_backend::allocate<float>(ctx, 1); }
+    CHECK(pool->cached_bytes() == 0);
 }
 
 TEST_CASE("onednn: host_view aliases oneDNN backend storage", "[onednn]") {

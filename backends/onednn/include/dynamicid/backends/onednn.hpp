@@ -5,7 +5,8 @@
 // beta as a sum post-op), convolution forward and both backwards in the memory
 // formats oneDNN picks (blocked activations and weights, reordered in and out
 // per call), layer norm, eltwise activations, softmax, broadcasting binary ops,
-// reductions, strided copies (reorders) and nearest resampling. f32 and bf16
+// reductions, strided copies (reorders), nearest resampling, and a blocked
+// attention (the has_fused_attention capability) built on them. f32 and bf16
 // (bf16 storage, f32 accumulation, avx512_bf16 kernels where the CPU has them)
 // compute natively. Everything else, and f64 and f16 entirely, runs on the
 // reference backend's code with the same thread count: geglu, group-norm
@@ -22,6 +23,11 @@
 // copies of a context share that cache. Give each host thread its own context.
 // On cores shared with other processes, OMP_WAIT_POLICY=PASSIVE keeps idle
 // OpenMP threads from spinning between calls (it is read at program start).
+//
+// Memory: plain host memory, 64-byte aligned. Freed allocations of 1 MiB and
+// more are cached for reuse (context::host_cache_bytes, 1 GiB by default;
+// release_cached() empties the cache): above glibc's mmap threshold each
+// fresh allocation otherwise costs page faults and zeroing on first touch.
 //
 // Weights are not cached across calls: a convolution reorders its weights into
 // oneDNN's blocked layout on every call. Caching them by address would be
@@ -58,6 +64,10 @@ struct onednn_backend {
     /// oneDNN runtime (engine, stream, primitive cache), made on first use.
     struct context {
         int threads = 0;
+        /// Freed host allocations of 1 MiB and more are kept for reuse, up to
+        /// this many bytes per runtime (0: every allocation goes back to the
+        /// system at once). release_cached() hands them back.
+        std::size_t host_cache_bytes = std::size_t{1} << 30;
         std::shared_ptr<onednn::detail::runtime> state = nullptr;
 
         int thread_count() const {
@@ -75,7 +85,7 @@ struct onednn_backend {
 
     template <class T> using pointer = T*;
     template <class T> using const_pointer = const T*;
-    template <class T> using buffer = cpu_backend::buffer<T>;
+    template <class T> using buffer = onednn::detail::pooled_buffer<T>;
 
     static constexpr const char* name() { return "onednn"; }
 
@@ -86,7 +96,14 @@ struct onednn_backend {
     // ---- memory (plain host memory, as the reference backend) -------------------
 
     template <class T>
-    static buffer<T> allocate(context&, std::size_t n) { return buffer<T>(n); }
+    static buffer<T> allocate(context& ctx, std::size_t n) {
+        if (n == 0) return buffer<T>();
+        return buffer<T>(n, ctx.host_cache_bytes > 0 ? ctx.runtime().pool(ctx.host_cache_bytes) : nullptr);
+    }
+    /// Frees the cached host allocations (see context::host_cache_bytes); live buffers are untouched.
+    static void release_cached(context& ctx) {
+        if (ctx.state && ctx.state->pool_if_made()) ctx.state->pool_if_made()->trim();
+    }
     template <class T>
     static void copy_to_host(context&, const T* src, T* host, std::size_t n) {
         if (n) std::memcpy(host, src, n * sizeof(T));
@@ -401,6 +418,85 @@ struct onednn_backend {
         cpu_backend::softmax_forward(ref, d, x, y);
     }
 
+    /// Scaled dot-product attention (the has_fused_attention capability), for
+    /// inference: softmax(scale q k^T) v, computed a block of query rows at a
+    /// time so that the scores never exist as a whole. A block's scores stay
+    /// in cache between the two matmuls and the softmax, where the composed
+    /// path writes and rereads batch x lq x lk values (a GiB at 4096 tokens
+    /// and 16 heads). With several threads and at least as many heads, each
+    /// thread takes its own heads with single-threaded primitives (its own
+    /// oneDNN stream and plans), so no thread waits for another between the
+    /// small matmuls. Same primitives and rounding as the composed path.
+    ///   q (batch, lq, d), k (batch, lk, d), v (batch, lk, dv) -> out (batch, lq, dv)
+    template <class T>
+    static void attention_forward(context& ctx, index_t batch, index_t lq, index_t lk, index_t d, index_t dv, double scale, const T* q,
+                                  const T* k, const T* v, T* out) {
+        if (batch <= 0 || lq <= 0 || dv <= 0) return;
+        if (lk <= 0) {  // softmax over nothing: the composed path gives zeros
+            fill(ctx, out, static_cast<std::size_t>(batch * lq * dv), T(0.0f));
+            return;
+        }
+        const attention_problem<T> p{lq, lk, d, dv, scale, q, k, v, out};
+        const int threads = ctx.thread_count();
+        if (native<T> && threads > 1 && batch >= threads) {
+            auto& rt = ctx.runtime();
+            std::vector<context> workers;
+            for (int i = 0; i < threads; ++i) workers.push_back(context{.threads = 1, .host_cache_bytes = 0, .state = rt.worker(i)});
+            cpu::detail::parallel_for(threads, batch, 1, [&](index_t h0, index_t h1) {
+#if defined(_OPENMP)
+                const auto me = static_cast<std::size_t>(omp_get_thread_num());
+#else
+                const std::size_t me = 0;
+#endif
+                attention_blocks(workers[me], p, h0, h1, attention_block(h1 - h0, lq, lk, index_t{1} << 18));
+            });
+            return;
+        }
+        attention_blocks(ctx, p, 0, batch, attention_block(batch, lq, lk, index_t{1} << 20));
+    }
+
+    /// Heads and query rows per attention block for scores of about `budget`
+    /// values: several heads when a head's scores are smaller, else at least
+    /// 32 rows (or all of them). One thread per head range: 256 Ki values (its
+    /// share of L2); all threads on every block: a million (fewer cut each
+    /// matmul too thin for several threads to share).
+    static std::pair<index_t, index_t> attention_block(index_t batch, index_t lq, index_t lk, index_t budget) {
+        if (lq * lk <= budget) return {std::clamp<index_t>(budget / (lq * lk), 1, std::max<index_t>(batch, 1)), lq};
+        const index_t rows = std::max<index_t>(32, budget / lk / 16 * 16);
+        return {1, std::min(rows, lq)};
+    }
+
+private:
+    template <class T>
+    struct attention_problem {
+        index_t lq, lk, d, dv;
+        double scale;
+        const T *q, *k, *v;
+        T* out;
+    };
+
+    // Heads [h0, h1) of an attention, `block` (heads, rows) at a time, on ctx.
+    template <class T>
+    static void attention_blocks(context& ctx, const attention_problem<T>& p, index_t h0, index_t h1, std::pair<index_t, index_t> block) {
+        const auto [heads, rows] = block;
+        const index_t lq = p.lq, lk = p.lk, d = p.d, dv = p.dv;
+        T* scores = static_cast<T*>(ctx.runtime().scratch(3, static_cast<std::size_t>(heads * rows * lk) * sizeof(T)));
+        for (index_t h = h0; h < h1; h += heads) {
+            const index_t nh = std::min(heads, h1 - h);
+            for (index_t r0 = 0; r0 < lq; r0 += rows) {
+                const index_t nr = std::min(rows, lq - r0);
+                const gemm_desc qk{.batch = nh, .m = nr, .n = lk, .k = d, .trans_a = false, .trans_b = true, .lda = d, .ldb = d, .ldc = lk,
+                                   .stride_a = lq * d, .stride_b = lk * d, .stride_c = nr * lk, .alpha = p.scale};
+                gemm(ctx, qk, p.q + (h * lq + r0) * d, p.k + h * lk * d, scores);
+                softmax_forward(ctx, softmax_desc{.rows = nh * nr, .cols = lk}, scores, scores);
+                const gemm_desc pv{.batch = nh, .m = nr, .n = dv, .k = lk, .trans_a = false, .trans_b = false, .lda = lk, .ldb = dv,
+                                   .ldc = dv, .stride_a = nr * lk, .stride_b = lk * dv, .stride_c = lq * dv};
+                gemm(ctx, pv, scores, p.v + h * lk * dv, p.out + (h * lq + r0) * dv);
+            }
+        }
+    }
+
+public:
     template <class T>
     static void softmax_backward(context& ctx, const softmax_desc& d, const T* y, const T* dy, T* dx) {
         if constexpr (native<T>) {

@@ -2,6 +2,7 @@
 // memory and the thread-count scope every oneDNN call runs in.
 #pragma once
 
+#include <dynamicid/backends/onednn/detail/host_pool.hpp>
 #include <dynamicid/core/dtype.hpp>
 #include <dynamicid/core/error.hpp>
 
@@ -126,6 +127,27 @@ public:
         return s.data.get();
     }
 
+    /// The cache of large host allocations, made on first use with `limit`
+    /// bytes (a later call with another limit changes it).
+    const std::shared_ptr<host_pool>& pool(std::size_t limit) {
+        if (!pool_) pool_ = std::make_shared<host_pool>(limit);
+        else if (limit != pool_limit_) pool_->set_limit(limit);
+        pool_limit_ = limit;
+        return pool_;
+    }
+    /// The runtime of worker thread `i` for work a call splits over threads
+    /// itself (its own stream, plans and scratch); made on first use, so
+    /// call it before the parallel region.
+    const std::shared_ptr<runtime>& worker(int i) {
+        const auto u = static_cast<std::size_t>(i);
+        if (u >= workers_.size()) workers_.resize(u + 1);
+        if (!workers_[u]) workers_[u] = std::make_shared<runtime>();
+        return workers_[u];
+    }
+
+    /// The pool if one was made, else null.
+    host_pool* pool_if_made() const noexcept { return pool_.get(); }
+
     std::size_t cache_hits() const noexcept { return hits_; }
     std::size_t cache_misses() const noexcept { return misses_; }
     std::size_t cache_size() const noexcept { return cache_.size(); }
@@ -147,6 +169,9 @@ private:
     dnnl::stream stream_;
     std::unordered_map<std::string, std::shared_ptr<void>> cache_;
     std::vector<block> scratch_;
+    std::shared_ptr<host_pool> pool_;
+    std::vector<std::shared_ptr<runtime>> workers_;
+    std::size_t pool_limit_ = 0;
     std::size_t hits_ = 0, misses_ = 0, unsupported_ = 0;
 };
 
