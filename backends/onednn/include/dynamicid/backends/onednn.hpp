@@ -9,8 +9,8 @@
 // attention (the has_fused_attention capability) built on them. f32 and bf16
 // (bf16 storage, f32 accumulation, avx512_bf16 kernels where the CPU has them)
 // compute natively. Everything else, and f64 and f16 entirely, runs on the
-// reference backend's code with the same thread count: geglu, group-norm
-// backward, binary and reduce backward, axpby, conversion and random numbers,
+// reference backend's code with the same thread count: geglu and bf16 layer
+// norm backward, group-norm backward, binary and reduce backward, axpby, conversion and random numbers,
 // and any configuration for which oneDNN reports no implementation.
 //
 //     #include <dynamicid/backends/onednn.hpp>
@@ -274,24 +274,25 @@ struct onednn_backend {
         cpu_backend::group_norm_backward(ref, d, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
     }
 
-    /// f32 runs oneDNN's layer normalisation (it saves the variance; the
-    /// backend converts to and from the reciprocal standard deviation the ops
-    /// layer keeps). bf16 runs the reference code (oneDNN 2.6 wants f32 scale
-    /// and shift, which would cost a conversion of gamma and beta per call).
+    /// oneDNN's layer normalisation (it saves the variance; the backend
+    /// converts to and from the reciprocal standard deviation the ops layer
+    /// keeps). oneDNN 2.6 takes scale and shift in f32 only, so bf16 converts
+    /// gamma and beta (one row's worth) per call. The backward runs on oneDNN
+    /// in f32 and on the reference code in bf16.
     template <class T>
     static void layer_norm_forward(context& ctx, const layer_norm_desc& d, const T* x, const T* gamma, const T* beta, T* y,
                                    accum_t<T>* mean, accum_t<T>* rstd) {
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (native<T>) {
             if (d.rows > 0 && d.cols > 0) {
                 auto& rt = ctx.runtime();
                 const int threads = ctx.thread_count();
                 onednn::detail::thread_scope scope(threads);
                 const auto flags = norm_flags(gamma != nullptr, beta != nullptr);
                 onednn::detail::key k("lnorm_fwd");
-                k << threads << d.rows << d.cols << d.eps << flags;
+                k << onednn::detail::data_type_of<T>() << threads << d.rows << d.cols << d.eps << flags;
                 using entry = onednn::detail::planned<dnnl::layer_normalization_forward::primitive_desc, dnnl::layer_normalization_forward>;
                 auto* e = rt.template lookup<entry>(k, [&] {
-                    auto pd = lnorm_fwd_pd(rt, d, flags);
+                    auto pd = lnorm_fwd_pd<T>(rt, d, flags);
                     return entry{pd, dnnl::layer_normalization_forward(pd)};
                 });
                 if (e) {
@@ -304,8 +305,17 @@ struct onednn_backend {
                                                                {DNNL_ARG_MEAN, onednn::detail::wrap(e->pd.mean_desc(), eng, m)},
                                                                {DNNL_ARG_VARIANCE, onednn::detail::wrap(e->pd.variance_desc(), eng, var)}};
                     const dnnl::memory::desc affine({d.cols}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::a);
-                    if (gamma) args.emplace(DNNL_ARG_SCALE, onednn::detail::wrap(affine, eng, gamma));
-                    if (beta) args.emplace(DNNL_ARG_SHIFT, onednn::detail::wrap(affine, eng, beta));
+                    auto as_f32 = [&](const T* p, std::size_t slot) -> const float* {
+                        if constexpr (std::is_same_v<T, float>) {
+                            return p;
+                        } else {
+                            auto* f = static_cast<float*>(rt.scratch(slot, static_cast<std::size_t>(d.cols) * sizeof(float)));
+                            for (index_t i = 0; i < d.cols; ++i) f[i] = static_cast<float>(p[i]);
+                            return f;
+                        }
+                    };
+                    if (gamma) args.emplace(DNNL_ARG_SCALE, onednn::detail::wrap(affine, eng, as_f32(gamma, 4)));
+                    if (beta) args.emplace(DNNL_ARG_SHIFT, onednn::detail::wrap(affine, eng, as_f32(beta, 5)));
                     e->primitive.execute(rt.stream(), args);
                     rt.stream().wait();
                     if (rstd)
@@ -335,7 +345,7 @@ struct onednn_backend {
                 k << threads << d.rows << d.cols << d.eps << flags << params;
                 using entry = onednn::detail::planned<dnnl::layer_normalization_backward::primitive_desc, dnnl::layer_normalization_backward>;
                 auto* e = rt.template lookup<entry>(k, [&] {
-                    const auto hint = lnorm_fwd_pd(rt, d, flags);
+                    const auto hint = lnorm_fwd_pd<float>(rt, d, flags);
                     const dnnl::memory::desc md({d.rows, d.cols}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::ab);
                     dnnl::layer_normalization_backward::primitive_desc pd(
                         dnnl::layer_normalization_backward::desc(params ? dnnl::prop_kind::backward : dnnl::prop_kind::backward_data, md,
@@ -586,8 +596,56 @@ public:
         cpu_backend::unary_backward(ref, op, n, x, dy, dx);
     }
 
+    /// hidden * gelu_erf(gate) for x (rows, [hidden | gate]) in oneDNN's jit
+    /// kernels, which want dense operands: the gate half is reordered into y
+    /// and activated in place, the hidden half reordered into scratch, and
+    /// the two multiplied into y (oneDNN 2.6 runs eltwise and binary on
+    /// strided views with its reference code, slower than our own loop). In
+    /// bf16 the activation is rounded to bf16 before the multiply (the
+    /// reference rounds once).
     template <class T>
     static void geglu_forward(context& ctx, const geglu_desc& d, const T* x, T* y) {
+        if constexpr (native<T>) {
+            if (d.rows > 0 && d.cols > 0) {
+                auto& rt = ctx.runtime();
+                const int threads = ctx.thread_count();
+                onednn::detail::thread_scope scope(threads);
+                onednn::detail::key k("geglu_fwd");
+                k << onednn::detail::data_type_of<T>() << threads << d.rows << d.cols;
+                struct entry {
+                    dnnl::memory::desc half, dense, flat;
+                    dnnl::reorder gather;
+                    dnnl::eltwise_forward gelu;
+                    dnnl::binary multiply;
+                };
+                auto* e = rt.template lookup<entry>(k, [&] {
+                    const auto dt = onednn::detail::data_type_of<T>();
+                    const dnnl::memory::desc half({d.rows, d.cols}, dt, dnnl::memory::dims{2 * d.cols, 1});
+                    const dnnl::memory::desc dense({d.rows, d.cols}, dt, tag::ab);
+                    const dnnl::memory::desc flat({d.rows * d.cols}, dt, tag::a);  // the jit kernels take it, not (rows, cols)
+                    const dnnl::eltwise_forward::primitive_desc gelu(
+                        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::eltwise_gelu_erf, flat, 0.0f, 0.0f),
+                        rt.engine());
+                    const dnnl::binary::primitive_desc multiply(dnnl::binary::desc(dnnl::algorithm::binary_mul, flat, flat, flat), rt.engine());
+                    return entry{half, dense, flat, dnnl::reorder(dnnl::reorder::primitive_desc(rt.engine(), half, rt.engine(), dense)),
+                                 dnnl::eltwise_forward(gelu), dnnl::binary(multiply)};
+                });
+                if (e) {
+                    const auto& eng = rt.engine();
+                    T* hidden = static_cast<T*>(rt.scratch(3, static_cast<std::size_t>(d.rows * d.cols) * sizeof(T)));
+                    e->gather.execute(rt.stream(), {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x + d.cols)},
+                                                    {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, y)}});
+                    e->gather.execute(rt.stream(), {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x)},
+                                                    {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, hidden)}});
+                    const auto out = onednn::detail::wrap(e->flat, eng, y);
+                    e->gelu.execute(rt.stream(), {{DNNL_ARG_SRC, out}, {DNNL_ARG_DST, out}});
+                    e->multiply.execute(rt.stream(), {{DNNL_ARG_SRC_0, out}, {DNNL_ARG_SRC_1, onednn::detail::wrap(e->flat, eng, hidden)},
+                                                      {DNNL_ARG_DST, out}});
+                    rt.stream().wait();
+                    return;
+                }
+            }
+        }
         auto ref = ctx.reference();
         cpu_backend::geglu_forward(ref, d, x, y);
     }
@@ -1019,9 +1077,10 @@ private:
         return f;
     }
 
+    template <class T>
     static dnnl::layer_normalization_forward::primitive_desc lnorm_fwd_pd(onednn::detail::runtime& rt, const layer_norm_desc& d,
                                                                           dnnl::normalization_flags flags) {
-        const dnnl::memory::desc md({d.rows, d.cols}, dnnl::memory::data_type::f32, tag::ab);
+        const dnnl::memory::desc md({d.rows, d.cols}, onednn::detail::data_type_of<T>(), tag::ab);
         return dnnl::layer_normalization_forward::primitive_desc(
             dnnl::layer_normalization_forward::desc(dnnl::prop_kind::forward_training, md, static_cast<float>(d.eps), flags), rt.engine());
     }
