@@ -56,12 +56,15 @@ using backend = dynamicid::cpu_backend;
 using pipeline = dynamicid::pipelines::dynamicid_pipeline<backend>;
 
 constexpr const char* eval_usage =
-    "usage: dynamicid eval [--model DIR] [--identities N] [--first-id ID] [--steps N] [--seed S] [--threads N] [--out DIR]\n"
+    "usage: dynamicid eval [--model DIR] [--identities N] [--first-id ID] [--steps N] [--seed S] [--threads N]\n"
+    "                     [--id-scale X] [--guidance X] [--out DIR]\n"
     "  --model DIR      a default-model folder (default: the built-in one): SD folder, SAA.safetensors, IMR.safetensors,\n"
     "                   image_encoder/, face_id_net.safetensors and eval/<attribute>/ classifiers\n"
     "  --identities N   held-out persons (default 16; two-identity rows use N/2 pairs)\n"
     "  --first-id ID    the first held-out identity (default 1000000; training uses 0..399)\n"
     "  --steps N        DDIM steps (default 25)\n"
+    "  --id-scale X     identity strength (default 1, as generate's --id-scale)\n"
+    "  --guidance X     classifier-free guidance scale (default 5, as generate's with --id)\n"
     "  --out DIR        eval.md, eval.json and sample sheets (default eval-out)\n";
 
 struct usage_problem {
@@ -134,6 +137,7 @@ int evaluate(int argc, char** argv) {
     fs::path model = default_model_dir(), out = "eval-out";
     long long identities = 16, steps = 25, threads = 0;
     std::uint64_t first = 1'000'000, seed = 0;
+    double id_scale = 1.0, guidance = 5.0;
     for (int i = 1; i < argc; ++i) {
         const std::string_view a = argv[i];
         if (a == "--help" || a == "-h") {
@@ -156,6 +160,13 @@ int evaluate(int argc, char** argv) {
         else if (a == "--steps") steps = static_cast<long long>(number());
         else if (a == "--seed") seed = number();
         else if (a == "--threads") threads = static_cast<long long>(number());
+        else if (a == "--id-scale" || a == "--guidance") {
+            errno = 0;
+            const double x = std::strtod(v.c_str(), &end);
+            if (errno != 0 || end == v.c_str() || *end != '\0' || !std::isfinite(x) || x < 0 || x > 100)
+                throw usage_problem{std::string(a) + " '" + v + "' is not a number in [0, 100]"};
+            (a == "--id-scale" ? id_scale : guidance) = x;
+        }
         else throw usage_problem{"unknown option '" + std::string(a) + "'"};
     }
     if (identities < 2 || identities > 10000) throw usage_problem{"--identities must be in [2, 10000]"};
@@ -216,6 +227,8 @@ int evaluate(int argc, char** argv) {
         o.steps = static_cast<std::size_t>(steps);
         o.seed = s;
         o.width = o.height = size;
+        o.id_scale = id_scale;
+        o.guidance_scale = guidance;
         return o;
     };
     std::fprintf(stderr, "single identity: %lld persons x 3 variants\n", identities);
@@ -317,6 +330,8 @@ int evaluate(int argc, char** argv) {
     j["identities"] = identities;
     j["first_id"] = first;
     j["steps"] = steps;
+    j["id_scale"] = id_scale;
+    j["guidance"] = guidance;
     j["seconds"] = seconds;
     std::string md;
     char line[256];
@@ -335,8 +350,8 @@ int evaluate(int argc, char** argv) {
         std::snprintf(line, sizeof line, "| %s | %.3f | %.3f |\n", label, acc.mean(r + "/facesim"), acc.mean(r + "/leak"));
         md += line;
     }
-    std::snprintf(line, sizeof line, "\n%lld held-out identities from %llu, %lld DDIM steps, %.0f s.\n", identities,
-                  static_cast<unsigned long long>(first), steps, seconds);
+    std::snprintf(line, sizeof line, "\n%lld held-out identities from %llu, %lld DDIM steps, id scale %g, guidance %g, %.0f s.\n", identities,
+                  static_cast<unsigned long long>(first), steps, id_scale, guidance, seconds);
     md += line;
     {
         std::ofstream f(out / "eval.md");
