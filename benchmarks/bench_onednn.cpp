@@ -13,7 +13,8 @@
 //                                                 the oneDNN backend's attention: gemm + softmax + gemm
 //                                                 over the whole score matrix, or its blocked path
 //   unet_sd15/<image>/<type>/<backend>            one UNet evaluation, batch 2 (classifier-free
-//                                                 guidance), 77 tokens, at 256 and 512
+//                                                 guidance), 77 tokens, at 256 and 512; backend
+//                                                 onednn_wcache: with context::weight_cache_bytes
 //   vae_decode/512/<type>/<backend>               one VAE decode of a 64 x 64 latent
 //   text_encoder/<type>/<backend>                 one CLIP ViT-L/14 text pass, batch 2 x 77 tokens
 //
@@ -22,8 +23,9 @@
 // same threads; bf16 above 1 beats what f32 FMAs could do), and ratios against
 // baselines measured earlier in the same run: vs_reference (reference f32
 // time / this), vs_f32 (oneDNN f32 / this bf16), vs_composed (composed
-// attention / this), vs_pytorch (PyTorch's time for the same module, type,
-// shapes and threads / this). Module rows time one run after a warm-up (two
+// attention / this), vs_onednn (without the weight cache / with) and
+// vs_pytorch (PyTorch's time for the same module, type, shapes and threads /
+// this). Module rows time one run after a warm-up (two
 // for oneDNN), kernels the best of several.
 //
 // PyTorch: with --pytorch=auto (the default) the program first runs
@@ -126,7 +128,8 @@ void report(benchmark::State& state, const std::string& family, const std::strin
     if (backend != "reference") ratio("vs_reference", family + "/f32/reference");
     if (type == "bf16") ratio("vs_f32", family + "/f32/" + backend);
     if (backend == "blocked") ratio("vs_composed", family + "/" + type + "/composed");
-    if (const auto it = g_pytorch.find(family + "/" + type); it != g_pytorch.end() && backend == "onednn")
+    if (backend == "onednn_wcache") ratio("vs_onednn", family + "/" + type + "/onednn");
+    if (const auto it = g_pytorch.find(family + "/" + type); it != g_pytorch.end() && backend.starts_with("onednn"))
         state.counters["vs_pytorch"] = it->second / seconds;
 }
 
@@ -233,10 +236,11 @@ M<B, T> random_module(typename B::context& ctx, const Config& cfg) {
     return M<B, T>::load(ctx, source, cfg);
 }
 
-template <class B, class T>
+template <class B, class T, bool CacheWeights = false>
 void bm_unet(benchmark::State& state) {
     const index_t image = state.range(0), latent = image / 8, batch = 2, tokens = 77;
     typename B::context ctx{.threads = threads()};
+    if constexpr (CacheWeights) ctx.weight_cache_bytes = std::size_t{8} << 30;
     const modules::unet::unet_config cfg{};  // the defaults are SD1.5's
     const auto unet = random_module<modules::unet::unet_2d_condition, B, T>(ctx, cfg);
     const auto sample = random_tensor<B, T>(ctx, {batch, 4, latent, latent}, 7);
@@ -250,7 +254,7 @@ void bm_unet(benchmark::State& state) {
     const double s = run_timed(state, run);
     const double macs =
         static_cast<double>(dynamicid::analysis::unet_macs(cfg, {.batch = batch, .height = latent, .width = latent, .tokens = tokens}).total());
-    report(state, "unet_sd15/" + std::to_string(image), type_name<T>(), backend_name<B>(), 2.0 * macs, s);
+    report(state, "unet_sd15/" + std::to_string(image), type_name<T>(), CacheWeights ? "onednn_wcache" : backend_name<B>(), 2.0 * macs, s);
 }
 
 template <class B, class T>
@@ -422,6 +426,13 @@ int main(int argc, char** argv) {
     register_modules<cpu_backend, float>(1);
     register_modules<onednn_backend, float>(2);
     register_modules<onednn_backend, bfloat16>(2);
+    // The UNet again with the opt-in weight cache (context::weight_cache_bytes).
+    for (index_t image : {256, 512}) {
+        benchmark::RegisterBenchmark(("unet_sd15/" + std::to_string(image) + "/f32/onednn_wcache").c_str(), bm_unet<onednn_backend, float, true>)
+            ->Arg(image)->Iterations(2)->UseManualTime()->Unit(benchmark::kSecond);
+        benchmark::RegisterBenchmark(("unet_sd15/" + std::to_string(image) + "/bf16/onednn_wcache").c_str(), bm_unet<onednn_backend, bfloat16, true>)
+            ->Arg(image)->Iterations(2)->UseManualTime()->Unit(benchmark::kSecond);
+    }
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
     return 0;

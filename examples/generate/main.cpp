@@ -410,12 +410,24 @@ dynamicid::pipelines::dynamicid_identity make_identity(const cli_options::identi
     return who;
 }
 
+/// The backend context for a generation. Nothing writes the weights while
+/// generating, so the oneDNN backend may keep its convolution weights
+/// reordered across calls (1.1-1.2x on SD1.5's UNet at 256x256, docs/onednn.md).
+template <class B>
+typename B::context generation_context(const cli_options& o) {
+    typename B::context ctx{.threads = o.threads};
+#if defined(DYNAMICID_CLI_ONEDNN)
+    if constexpr (std::is_same_v<B, dynamicid::onednn_backend>) ctx.weight_cache_bytes = std::size_t{4} << 30;
+#endif
+    return ctx;
+}
+
 template <class B>
 int generate_with_identities(const cli_options& o) {
     using id_pipeline = dynamicid::pipelines::dynamicid_pipeline<B>;
     if (!o.saa) throw usage_error{"--id needs --saa FILE (the DynamicID or IP-Adapter-FaceID-Plus weights)"};
     if (!o.image_encoder) throw usage_error{"--id needs --image-encoder DIR (CLIP-ViT-H/14: config.json, model.safetensors)"};
-    typename B::context ctx{.threads = o.threads};
+    auto ctx = generation_context<B>(o);
     const auto load_start = clock_type::now();
     std::fprintf(stderr, "loading %s + %s ...\n", o.model->c_str(), o.saa->c_str());
     dynamicid::pipelines::dynamicid_paths paths{.sd_model = *o.model, .saa_checkpoint = *o.saa, .image_encoder = *o.image_encoder};
@@ -545,7 +557,7 @@ int generate(int argc, char** argv) {
 template <class B>
 int generate_text_to_image(const cli_options& o) {
     using pipeline = dynamicid::pipelines::text_to_image<B>;
-    typename B::context ctx{.threads = o.threads};
+    auto ctx = generation_context<B>(o);
     const auto load_start = clock_type::now();
     std::fprintf(stderr, "loading %s ...\n", o.model->c_str());
     const auto pipe = pipeline::load(ctx, fs::path(*o.model));

@@ -254,6 +254,35 @@ TEST_CASE("onednn: large host allocations are cached for reuse", "[onednn]") {
     CHECK(pool->cached_bytes() == 0);
 }
 
+TEST_CASE("onednn: the opt-in weight cache reuses reordered weights and notices rewrites", "[onednn]") {
+    onednn_backend::context plain{.threads = 2};
+    onednn_backend::context ctx{.threads = 2, .weight_cache_bytes = std::size_t{64} << 20};
+    auto x = ops::randn<onednn_backend, float>(ctx, {2, 32, 10, 10}, 1);
+    auto w = ops::randn<onednn_backend, float>(ctx, {48, 32, 3, 3}, 2);
+    const auto b = ops::randn<onednn_backend, float>(ctx, {48}, 3);
+    auto conv = [&](onednn_backend::context& c) { return download(c, ops::conv2d(c, x, w, &b, {.padding = 1})); };
+    const auto want = conv(plain);
+    auto& cache = ctx.runtime().weights();
+    check_close("first call (reorders and caches)", conv(ctx), want, 1e-6, 1e-6);
+    CHECK(cache.entries() == 1);
+    CHECK(cache.misses() == 1);
+    check_close("second call (cached weights)", conv(ctx), want, 1e-6, 1e-6);
+    CHECK(cache.hits() == 1);
+    // An optimiser-like rewrite in place: the fingerprint changes, the weights are reordered afresh.
+    float* wp = w.data();
+    for (std::size_t i = 0; i < static_cast<std::size_t>(w.numel()); ++i) wp[i] *= 0.5f;
+    const auto want_half = conv(plain);
+    check_close("after an in-place rewrite", conv(ctx), want_half, 1e-6, 1e-6);
+    CHECK(cache.stale() == 1);
+    // Too small a limit: nothing cached, same results.
+    onednn_backend::context tiny{.threads = 2, .weight_cache_bytes = 64};
+    check_close("weights larger than the limit", conv(tiny), want_half, 1e-6, 1e-6);
+    CHECK(tiny.runtime().weights().entries() == 0);
+    onednn_backend::release_cached(ctx);
+    CHECK(cache.entries() == 0);
+    CHECK(cache.bytes() == 0);
+}
+
 TEST_CASE("onednn: host_view aliases oneDNN backend storage", "[onednn]") {
     onednn_backend::context ctx{};
     auto x = dynamicid::tensor<onednn_backend, float>::zeros(ctx, {2, 3});

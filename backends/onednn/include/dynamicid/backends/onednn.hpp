@@ -29,11 +29,11 @@
 // release_cached() empties the cache): above glibc's mmap threshold each
 // fresh allocation otherwise costs page faults and zeroing on first touch.
 //
-// Weights are not cached across calls: a convolution reorders its weights into
-// oneDNN's blocked layout on every call. Caching them by address would be
-// unsafe (a freed buffer's address is reused by the next allocation, and
-// nothing tells the backend when host memory is written), and the reorder
-// costs a few percent of a large convolution.
+// Weights: by default a convolution reorders its weights into oneDNN's blocked
+// layout on every call (4-5% of a UNet evaluation), because nothing tells the
+// backend when host memory is written. context::weight_cache_bytes keeps the
+// reordered copies across calls, checked against a fingerprint of the weights
+// on every use (detail/weight_cache.hpp): for inference.
 #pragma once
 
 #include <dynamicid/backends/cpu.hpp>
@@ -68,6 +68,14 @@ struct onednn_backend {
         /// this many bytes per runtime (0: every allocation goes back to the
         /// system at once). release_cached() hands them back.
         std::size_t host_cache_bytes = std::size_t{1} << 30;
+        /// Convolution forward keeps weights reordered into oneDNN's layout
+        /// across calls, up to this many bytes (0, the default: reordered on
+        /// every call). Each use checks the weights' count and 16 sampled
+        /// values, so a rewrite or another tensor at a reused address is
+        /// noticed, but an in-place write that leaves those 16 unchanged is
+        /// not: turn it on where weights are not written while cached, as in
+        /// inference. release_cached() empties it.
+        std::size_t weight_cache_bytes = 0;
         std::shared_ptr<onednn::detail::runtime> state = nullptr;
 
         int thread_count() const {
@@ -100,9 +108,12 @@ struct onednn_backend {
         if (n == 0) return buffer<T>();
         return buffer<T>(n, ctx.host_cache_bytes > 0 ? ctx.runtime().pool(ctx.host_cache_bytes) : nullptr);
     }
-    /// Frees the cached host allocations (see context::host_cache_bytes); live buffers are untouched.
+    /// Frees the cached host allocations and reordered weights (see
+    /// context::host_cache_bytes and weight_cache_bytes); live buffers are untouched.
     static void release_cached(context& ctx) {
-        if (ctx.state && ctx.state->pool_if_made()) ctx.state->pool_if_made()->trim();
+        if (!ctx.state) return;
+        if (ctx.state->pool_if_made()) ctx.state->pool_if_made()->trim();
+        ctx.state->weights().clear();
     }
     template <class T>
     static void copy_to_host(context&, const T* src, T* host, std::size_t n) {
@@ -174,13 +185,15 @@ struct onednn_backend {
             const int threads = ctx.thread_count();
             const bool has_bias = bias != nullptr;
             onednn::detail::thread_scope scope(threads);
-            auto* e = rt.template lookup<conv_fwd_entry>(conv_key("conv_fwd", d, onednn::detail::data_type_of<T>(), threads) << has_bias,
-                                                         [&] { return make_conv_fwd<T>(rt, d, has_bias); });
+            auto plan = conv_key("conv_fwd", d, onednn::detail::data_type_of<T>(), threads) << has_bias;
+            auto* e = rt.template lookup<conv_fwd_entry>(plan, [&] { return make_conv_fwd<T>(rt, d, has_bias); });
             if (e) {
                 const auto& eng = rt.engine();
                 auto& s = rt.stream();
                 auto src = staged_in(rt, e->src_in, e->user_src, e->pd.src_desc(), x, 0);
-                auto wei = staged_in(rt, e->wei_in, e->user_wei, e->pd.weights_desc(), w, 1);
+                auto wei = ctx.weight_cache_bytes > 0 && e->wei_in
+                               ? cached_weights(ctx, rt, *e, plan.str(), w, static_cast<std::size_t>(d.c_out * (d.c_in / d.groups) * d.kh * d.kw))
+                               : staged_in(rt, e->wei_in, e->user_wei, e->pd.weights_desc(), w, 1);
                 auto user_dst = onednn::detail::wrap(e->user_dst, eng, y);
                 auto dst = e->dst_out ? dnnl::memory(e->pd.dst_desc(), eng, rt.scratch(2, e->pd.dst_desc().get_size())) : user_dst;
                 std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
@@ -962,6 +975,23 @@ private:
 
     // The caller's data in the layout a primitive wants: a view of it when no
     // reorder is needed, else a reordered copy in scratch slot `slot`.
+    // The convolution's weights in its layout from the weight cache, reordered
+    // into it on a miss (or into scratch when they do not fit).
+    template <class T, class Entry>
+    static dnnl::memory cached_weights(context& ctx, onednn::detail::runtime& rt, const Entry& e, const std::string& plan, const T* w,
+                                       std::size_t n) {
+        auto& cache = rt.weights();
+        const auto print = onednn::detail::weight_cache::fingerprint_of(w, n, sizeof(T));
+        const auto& wanted = e.pd.weights_desc();
+        if (void* p = cache.find(w, plan, print)) return dnnl::memory(wanted, rt.engine(), p);
+        void* p = cache.insert(w, plan, print, wanted.get_size(), ctx.weight_cache_bytes);
+        if (!p) return staged_in(rt, e.wei_in, e.user_wei, wanted, w, 1);
+        dnnl::memory out(wanted, rt.engine(), p);
+        auto in = onednn::detail::wrap(e.user_wei, rt.engine(), w);
+        e.wei_in.execute(rt.stream(), in, out);
+        return out;
+    }
+
     static dnnl::memory staged_in(onednn::detail::runtime& rt, const dnnl::reorder& r, const dnnl::memory::desc& user,
                                   const dnnl::memory::desc& wanted, const void* data, std::size_t slot) {
         auto in = onednn::detail::wrap(user, rt.engine(), data);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <dynamicid/backends/onednn/detail/host_pool.hpp>
+#include <dynamicid/backends/onednn/detail/weight_cache.hpp>
 #include <dynamicid/core/dtype.hpp>
 #include <dynamicid/core/error.hpp>
 
@@ -145,6 +146,9 @@ public:
         return workers_[u];
     }
 
+    /// Convolution weights kept in oneDNN's layouts (used when the context asks for it).
+    weight_cache& weights() noexcept { return weights_; }
+
     /// The pool if one was made, else null.
     host_pool* pool_if_made() const noexcept { return pool_.get(); }
 
@@ -171,6 +175,7 @@ private:
     std::vector<block> scratch_;
     std::shared_ptr<host_pool> pool_;
     std::vector<std::shared_ptr<runtime>> workers_;
+    weight_cache weights_;
     std::size_t pool_limit_ = 0;
     std::size_t hits_ = 0, misses_ = 0, unsupported_ = 0;
 };
