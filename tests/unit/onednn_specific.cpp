@@ -149,6 +149,25 @@ TEST_CASE("onednn: blocked attention matches the composed reference", "[onednn][
                                          attention, 181);
         CHECK(ctx.runtime().unsupported() == 0);
     }
+    // Called from inside a host program's own OpenMP threads, each with its own context.
+#if defined(_OPENMP)
+    {
+        cpu_backend::context ref{};
+        const auto q = round_to<float>(normal({4, 300, 40}, 191)), k = round_to<float>(normal({4, 500, 40}, 192)),
+                   v = round_to<float>(normal({4, 500, 40}, 193));
+        const auto want = download(ref, ops::attention(ref, upload<cpu_backend, float>(ref, {4, 300, 40}, q),
+                                                       upload<cpu_backend, float>(ref, {4, 500, 40}, k), upload<cpu_backend, float>(ref, {4, 500, 40}, v)));
+        std::vector<std::vector<double>> got(3);
+#pragma omp parallel num_threads(3)
+        {
+            onednn_backend::context mine{.threads = 2};
+            got[static_cast<std::size_t>(omp_get_thread_num())] =
+                download(mine, ops::attention(mine, upload<onednn_backend, float>(mine, {4, 300, 40}, q), upload<onednn_backend, float>(mine, {4, 500, 40}, k),
+                                              upload<onednn_backend, float>(mine, {4, 500, 40}, v)));
+        }
+        for (const auto& g : got) check_close("attention inside the caller's parallel region", g, want, 1e-4, 1e-4);
+    }
+#endif
     // No keys: the composed path's empty softmax gives zeros.
     onednn_backend::context ctx{.threads = 2};
     const auto q = ops::randn<onednn_backend, float>(ctx, {2, 3, 8}, 1);

@@ -465,13 +465,14 @@ struct onednn_backend {
             auto& rt = ctx.runtime();
             std::vector<context> workers;
             for (int i = 0; i < threads; ++i) workers.push_back(context{.threads = 1, .host_cache_bytes = 0, .state = rt.worker(i)});
-            cpu::detail::parallel_for(threads, batch, 1, [&](index_t h0, index_t h1) {
-#if defined(_OPENMP)
-                const auto me = static_cast<std::size_t>(omp_get_thread_num());
-#else
-                const std::size_t me = 0;
-#endif
-                attention_blocks(workers[me], p, h0, h1, attention_block(h1 - h0, lq, lk, index_t{1} << 18));
+            // Worker w takes heads [batch w / threads, batch (w + 1) / threads). Inside
+            // a caller's parallel region the workers run one after another on the
+            // calling thread (parallel_for does not nest).
+            cpu::detail::parallel_for(threads, threads, 1, [&](index_t w0, index_t w1) {
+                for (index_t w = w0; w < w1; ++w) {
+                    const index_t h0 = batch * w / threads, h1 = batch * (w + 1) / threads;
+                    attention_blocks(workers[static_cast<std::size_t>(w)], p, h0, h1, attention_block(h1 - h0, lq, lk, index_t{1} << 18));
+                }
             });
             return;
         }
