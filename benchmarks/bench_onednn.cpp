@@ -227,13 +227,14 @@ void bm_attention(benchmark::State& state, attention_case a) {
 
 // ---- modules ----------------------------------------------------------------------------
 
-// Loads a module of type M<B, T> with random weights (one source per config, shared by every backend).
-template <template <class, class> class M, class B, class T, class Config>
-M<B, T> random_module(typename B::context& ctx, const Config& cfg) {
+// Loads a module of type M<B, T> with random weights (one source per config,
+// shared by every backend); `extra` goes to both bind() and load() after the config.
+template <template <class, class> class M, class B, class T, class Config, class... Extra>
+M<B, T> random_module(typename B::context& ctx, const Config& cfg, const Extra&... extra) {
     cpu_backend::context host{};
     const auto source = dynamicid::bench::random_weight_source<cpu_backend, float>(
-        host, [&](auto& b) { (void)M<cpu_backend, float>::bind(b, cfg); }, 1234);
-    return M<B, T>::load(ctx, source, cfg);
+        host, [&](auto& b) { (void)M<cpu_backend, float>::bind(b, cfg, extra...); }, 1234);
+    return M<B, T>::load(ctx, source, cfg, extra...);
 }
 
 template <class B, class T, bool CacheWeights = false>
@@ -262,14 +263,7 @@ void bm_vae_decode(benchmark::State& state) {
     const index_t latent = 64;
     typename B::context ctx{.threads = threads()};
     const modules::vae::autoencoder_kl_config cfg{};  // SD1.5's
-    auto bind = [&] {
-        cpu_backend::context host{};
-        const auto source = dynamicid::bench::random_weight_source<cpu_backend, float>(
-            host, [&](auto& b) { (void)modules::vae::autoencoder_kl<cpu_backend, float>::bind(b, cfg, modules::vae::vae_parts::decoder); },
-            1234);
-        return modules::vae::autoencoder_kl<B, T>::load(ctx, source, cfg, modules::vae::vae_parts::decoder);
-    };
-    const auto vae = bind();
+    const auto vae = random_module<modules::vae::autoencoder_kl, B, T>(ctx, cfg, modules::vae::vae_parts::decoder);
     const auto z = random_tensor<B, T>(ctx, {1, 4, latent, latent}, 9);
     auto run = [&] {
         benchmark::DoNotOptimize(vae.decode(ctx, z));
@@ -355,26 +349,26 @@ void load_pytorch() {
 
 // ---- registration -----------------------------------------------------------------------
 
+// A kernel row: manual time, milliseconds, at least 0.2 s of runs.
+template <class Fn, class Case>
+void register_kernel(const std::string& name, Fn fn, const Case& c) {
+    benchmark::RegisterBenchmark(name.c_str(), fn, c)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
+}
+
 template <class T>
 void register_kernels() {
-    const std::string t = type_name<T>();
+    const std::string t = std::string("/") + type_name<T>();
     for (const auto& g : gemm_cases) {
-        benchmark::RegisterBenchmark(("kernels/gemm/" + std::string(g.name) + "/" + t + "/reference").c_str(), bm_gemm<cpu_backend, T>, g)
-            ->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
-        benchmark::RegisterBenchmark(("kernels/gemm/" + std::string(g.name) + "/" + t + "/onednn").c_str(), bm_gemm<onednn_backend, T>, g)
-            ->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
+        register_kernel("kernels/gemm/" + std::string(g.name) + t + "/reference", bm_gemm<cpu_backend, T>, g);
+        register_kernel("kernels/gemm/" + std::string(g.name) + t + "/onednn", bm_gemm<onednn_backend, T>, g);
     }
     for (const auto& c : conv_cases) {
-        benchmark::RegisterBenchmark(("kernels/conv/" + std::string(c.name) + "/" + t + "/reference").c_str(), bm_conv<cpu_backend, T>, c)
-            ->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
-        benchmark::RegisterBenchmark(("kernels/conv/" + std::string(c.name) + "/" + t + "/onednn").c_str(), bm_conv<onednn_backend, T>, c)
-            ->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
+        register_kernel("kernels/conv/" + std::string(c.name) + t + "/reference", bm_conv<cpu_backend, T>, c);
+        register_kernel("kernels/conv/" + std::string(c.name) + t + "/onednn", bm_conv<onednn_backend, T>, c);
     }
     for (const auto& a : attention_cases) {
-        benchmark::RegisterBenchmark(("kernels/attention/" + std::string(a.name) + "/" + t + "/composed").c_str(), bm_attention<T, false>, a)
-            ->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
-        benchmark::RegisterBenchmark(("kernels/attention/" + std::string(a.name) + "/" + t + "/blocked").c_str(), bm_attention<T, true>, a)
-            ->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
+        register_kernel("kernels/attention/" + std::string(a.name) + t + "/composed", bm_attention<T, false>, a);
+        register_kernel("kernels/attention/" + std::string(a.name) + t + "/blocked", bm_attention<T, true>, a);
     }
 }
 

@@ -10,8 +10,9 @@
 // (bf16 storage, f32 accumulation, avx512_bf16 kernels where the CPU has them)
 // compute natively. Everything else, and f64 and f16 entirely, runs on the
 // reference backend's code with the same thread count: geglu and bf16 layer
-// norm backward, group-norm backward, binary and reduce backward, axpby, conversion and random numbers,
-// and any configuration for which oneDNN reports no implementation.
+// norm backward, group-norm backward, binary and reduce backward, axpby,
+// conversion and random numbers, and any configuration for which oneDNN
+// reports no implementation.
 //
 //     #include <dynamicid/backends/onednn.hpp>
 //     dynamicid::onednn_backend::context ctx{.threads = 2};
@@ -974,8 +975,6 @@ private:
         return dnnl::reorder(dnnl::reorder::primitive_desc(eng, from, eng, to));
     }
 
-    // The caller's data in the layout a primitive wants: a view of it when no
-    // reorder is needed, else a reordered copy in scratch slot `slot`.
     // The convolution's weights in its layout from the weight cache, reordered
     // into it on a miss (or into scratch when they do not fit).
     template <class T, class Entry>
@@ -993,6 +992,8 @@ private:
         return out;
     }
 
+    // The caller's data in the layout a primitive wants: a view of it when no
+    // reorder is needed, else a reordered copy in scratch slot `slot`.
     static dnnl::memory staged_in(onednn::detail::runtime& rt, const dnnl::reorder& r, const dnnl::memory::desc& user,
                                   const dnnl::memory::desc& wanted, const void* data, std::size_t slot) {
         auto in = onednn::detail::wrap(user, rt.engine(), data);
