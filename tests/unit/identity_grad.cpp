@@ -540,6 +540,25 @@ TEST_CASE("identity grad: mse_loss matches torch F.mse_loss and its autograd", "
     c.run();
 }
 
+TEST_CASE("identity grad: weighted_mse_loss matches torch (weight * (p - t) ** 2).mean() and its autograd", "[training][losses]") {
+    cpu_backend::context ctx;
+    const auto g = conform::golden_case::open(fs::path(DYNAMICID_TEST_DATA_DIR) / "golden" / "losses" / "weighted_mse.safetensors");
+    const auto pred = g.load<cpu_backend, float>(ctx, "input.prediction");
+    const auto target = g.load<cpu_backend, float>(ctx, "input.target");
+    const auto weight = g.load<cpu_backend, float>(ctx, "input.weight");  // (N, 1, H, W) over (N, C, H, W)
+    auto [loss, saved] = training::weighted_mse_loss_forward(ctx, pred, target, weight);
+    auto grads = training::weighted_mse_loss_backward(ctx, saved, {.prediction = true, .target = true});
+    golden_check c{g, 1e-6, {}};
+    c.add(ctx, "output.loss", loss);
+    c.add(ctx, "grad.input.prediction", grads.prediction);
+    c.add(ctx, "grad.input.target", grads.target);
+    c.run();
+    // A weight of ones is mse_loss.
+    const auto plain = training::mse_loss(ctx, pred, target).to_host(ctx)[0];
+    const auto ones = training::weighted_mse_loss(ctx, pred, target, tensor_t<float>::full(ctx, {1}, 1.0f)).to_host(ctx)[0];
+    CHECK(ones == Approx(plain).epsilon(1e-6));
+}
+
 // ---- central differences in f64 ---------------------------------------------------
 
 TEST_CASE("identity grad: ProjPlusModel backward agrees with central differences", "[training][identity_grad][gradcheck]") {
@@ -577,6 +596,16 @@ TEST_CASE("identity grad: losses agree with central differences", "[training][lo
         [](cpu_backend::context&, const std::vector<tensor_d>& in, const tensor_d& dy) {
             auto [l, s] = training::mse_loss_forward(serial, in[0], in[1]);
             auto g = training::mse_loss_backward(serial, s, dy, {.prediction = true, .target = true});
+            return std::vector<tensor_d>{g.prediction, g.target};
+        });
+    const std::vector<double> w{1.0, 3.0, 0.0, 2.0, 0.5, 1.0, 4.0, 1.0};
+    const auto weight = tensor_d::from_host(serial, {2, 1, 4}, w);
+    dt::check_gradients<cpu_backend>(
+        "weighted_mse_loss", {{{2, 3, 4}}, {{2, 3, 4}}},
+        [&](cpu_backend::context&, const std::vector<tensor_d>& in) { return training::weighted_mse_loss(serial, in[0], in[1], weight); },
+        [&](cpu_backend::context&, const std::vector<tensor_d>& in, const tensor_d& dy) {
+            auto [l, s] = training::weighted_mse_loss_forward(serial, in[0], in[1], weight);
+            auto g = training::weighted_mse_loss_backward(serial, s, dy, {.prediction = true, .target = true});
             return std::vector<tensor_d>{g.prediction, g.target};
         });
     dt::check_gradients<cpu_backend>(
@@ -697,5 +726,27 @@ TEST_CASE("identity grad: bad shapes and degenerate batches give clear errors", 
         }
         auto [l, s] = training::mse_loss_forward(ctx, a, a);
         CHECK_THROWS_AS(training::mse_loss_backward(ctx, s, a), dynamicid::shape_error);
+    }
+    {
+        // weighted_mse_loss: a weight that does not broadcast, a negative or NaN weight, NaN inputs.
+        const auto a = tensor_t<float>::zeros(ctx, {2, 3, 4}), ones = tensor_t<float>::full(ctx, {2, 1, 4}, 1.0f);
+        const auto expect = [&](const tensor_t<float>& p, const tensor_t<float>& w, const char* what) {
+            try {
+                training::weighted_mse_loss(ctx, p, a, w);
+                FAIL("no error for " << what);
+            } catch (const dynamicid::error& e) {
+                INFO(e.what());
+                CHECK(std::string(e.what()).find("[weighted_mse_loss]") == 0);
+                CHECK(std::string(e.what()).find(what) != std::string::npos);
+            }
+        };
+        expect(a, tensor_t<float>::full(ctx, {3, 1, 4}, 1.0f), "does not broadcast");
+        expect(a, tensor_t<float>::full(ctx, {1, 2, 3, 4}, 1.0f), "does not broadcast");
+        expect(a, tensor_t<float>::full(ctx, {2, 1, 4}, -1.0f), "must be finite and >= 0");
+        expect(a, tensor_t<float>::full(ctx, {2, 1, 4}, std::numeric_limits<float>::quiet_NaN()), "must be finite and >= 0");
+        expect(tensor_t<float>::full(ctx, {2, 3, 4}, std::numeric_limits<float>::infinity()), ones, "not finite");
+        CHECK_THROWS_AS(training::weighted_mse_loss(ctx, a, tensor_t<float>::zeros(ctx, {2, 3}), ones), dynamicid::shape_error);
+        auto [l, s] = training::weighted_mse_loss_forward(ctx, a, a, ones);
+        CHECK_THROWS_AS(training::weighted_mse_loss_backward(ctx, s, a), dynamicid::shape_error);
     }
 }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <stop_token>
 #include <string>
@@ -163,6 +164,75 @@ TEST_CASE("trainers: a reconfiguration run resumed is bit-identical and loads in
     training::detail::visit_imr(pipe.models().imr->weights(), [&](const std::string&, const tensor_f& w) { loaded.push_back(w); });
     training::detail::visit_imr(full.imr().weights(), [&](const std::string&, const tensor_f& w) { trained.push_back(w); });
     CHECK(host(ctx, loaded) == host(ctx, trained));
+}
+
+TEST_CASE("trainers: the face weighting of the anchoring loss covers the landmarks' grown box", "[training][trainer]") {
+    // A square face from (16, 16) to (48, 48) on a 64 x 64 frame, on an 8 x 8 grid (cell centres at 4, 12, ..., 60).
+    const std::vector<float> square{16, 16, 48, 16, 48, 48, 16, 48, 32, 32};
+    const auto m = training::face_loss_map(square, 64.0, 8, 8, 3.0, 1.0);
+    REQUIRE(m.size() == 64);
+    for (int r = 0; r < 8; ++r)
+        for (int c = 0; c < 8; ++c) {
+            const bool inside = r >= 2 && r <= 5 && c >= 2 && c <= 5;
+            CHECK(m[static_cast<std::size_t>(r * 8 + c)] == (inside ? 3.0f : 1.0f));
+        }
+    // Grown 1.5 times: half-width 24 about 32, so centres 12 ... 52 (cells 1 ... 6).
+    const auto grown = training::face_loss_map(square, 64.0, 8, 8, 3.0, 1.5);
+    CHECK(grown[1 * 8 + 1] == 3.0f);
+    CHECK(grown[6 * 8 + 6] == 3.0f);
+    CHECK(grown[0] == 1.0f);
+    CHECK(grown[7 * 8 + 7] == 1.0f);
+    // Off the picture: no extra weight anywhere.
+    const std::vector<float> away{200, 200, 220, 220};
+    for (const float v : training::face_loss_map(away, 64.0, 8, 8, 3.0, 1.5)) CHECK(v == 1.0f);
+    // Bad input is a clear error.
+    const auto bad = [](std::vector<float> l, double frame, dynamicid::index_t h, double weight, double grow) {
+        try {
+            training::face_loss_map(l, frame, h, h, weight, grow);
+        } catch (const dynamicid::value_error& e) {
+            return std::string(e.what()).find("face_loss_map") != std::string::npos;
+        }
+        return false;
+    };
+    CHECK(bad({}, 64.0, 8, 3.0, 1.5));
+    CHECK(bad({1, 2, 3}, 64.0, 8, 3.0, 1.5));
+    CHECK(bad({1, std::numeric_limits<float>::quiet_NaN()}, 64.0, 8, 3.0, 1.5));
+    CHECK(bad(square, 0.0, 8, 3.0, 1.5));
+    CHECK(bad(square, 64.0, 0, 3.0, 1.5));
+    CHECK(bad(square, 64.0, 8, -1.0, 1.5));
+    CHECK(bad(square, 64.0, 8, 3.0, 0.0));
+}
+
+TEST_CASE("trainers: a face-weighted anchoring run is deterministic and differs from plain MSE", "[training][trainer]") {
+    cpu_backend::context ctx{.threads = 1};
+    temp_dir dir("anchor_face");
+    const auto manifest = write_dataset(dir.path);
+    const std::int64_t steps = 3;
+    auto plain = anchor_config(manifest, dir.path / "plain", steps), fa = anchor_config(manifest, dir.path / "a", steps),
+         fb = anchor_config(manifest, dir.path / "b", steps);
+    fa.face_loss_weight = fb.face_loss_weight = 4.0;
+    training::anchor_trainer<cpu_backend> p(ctx, plain), a(ctx, fa), b(ctx, fb);
+    const auto lp = losses_of(ctx, p), la = losses_of(ctx, a), lb = losses_of(ctx, b);
+    CHECK(la == lb);
+    REQUIRE(la.size() == lp.size());
+    for (std::size_t i = 0; i < la.size(); ++i) {
+        INFO("step " << i << ": face-weighted " << la[i] << ", plain " << lp[i]);
+        CHECK(std::isfinite(la[i]));
+        CHECK(la[i] > lp[i]);  // same draws; every face cell weighs 4 instead of 1
+    }
+    // The keys round-trip through JSON and are validated.
+    const auto parsed = training::anchor_trainer_config::from_json(
+        nlohmann::json::parse(R"({"face_loss_weight": 3, "face_box_grow": 1.25, "landmark_frame": 256})"));
+    CHECK(parsed.face_loss_weight == 3.0);
+    CHECK(parsed.face_box_grow == 1.25);
+    CHECK(parsed.landmark_frame == 256.0);
+    CHECK(training::anchor_trainer_config::from_json(parsed.to_json()).face_box_grow == 1.25);
+    auto c = fa;
+    c.face_loss_weight = 0.5;
+    CHECK_THROWS_AS(training::anchor_trainer<cpu_backend>(ctx, c), dynamicid::value_error);
+    c = fa;
+    c.face_box_grow = 0;
+    CHECK_THROWS_AS(training::anchor_trainer<cpu_backend>(ctx, c), dynamicid::value_error);
 }
 
 TEST_CASE("trainers: bad manifests and configs are clear errors", "[training][trainer]") {

@@ -6,6 +6,10 @@
 //   tok = projection(ArcFace, CLIP penultimate hidden state of the reference)
 //   eps_pred = UNet(x_t, t, [text states ; tok]) with the trainable processors
 //   loss = MSE(eps_pred, eps)
+//        or, with face_loss_weight w > 1 and landmarks in the manifest,
+//          mean(m * (eps_pred - eps)^2), m = w on the latent cells of the
+//          face's box (the landmarks' bounding box grown face_box_grow times),
+//          1 elsewhere (face_loss_map)
 // Classifier-free-guidance dropout: 5% identity dropped (zero ArcFace and the
 // CLIP features of the all-zero normalised image), 5% text dropped (""), 5%
 // both. Trainable: every LoRA (down ~ N(0, 1/rank^2) as diffusers'
@@ -44,12 +48,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <stop_token>
 #include <string>
 #include <utility>
@@ -69,11 +75,16 @@ struct anchor_trainer_config : trainer_common_config {
     index_t projection_depth = 4;            ///< ["projection_depth"] resampler layers (fresh projection)
     double id_drop = 0.05, text_drop = 0.05, both_drop = 0.05;  ///< ["id_drop"], ["text_drop"], ["both_drop"]
     bool gate = true;                        ///< ["gate"] SAA gating (activate_query) in the training forward
+    /// ["face_loss_weight"] the denoising loss's weight on the face (1: plain MSE, the paper's loss). Above 1, the
+    /// identity, which only the face shows, gets more of the loss; samples without landmarks keep plain MSE.
+    double face_loss_weight = 1.0;
+    double face_box_grow = 1.5;              ///< ["face_box_grow"] the face box: the landmarks' box grown this many times
+    double landmark_frame = 512.0;           ///< ["landmark_frame"] side of the frame the manifest's landmarks are given on
 
     static anchor_trainer_config from_json(const nlohmann::json& j) {
         anchor_trainer_config c;
         detail::read_common(j, c, {"resolution", "init_checkpoint", "projection_init", "rank", "num_tokens", "projection_depth", "id_drop",
-                                   "text_drop", "both_drop", "gate"});
+                                   "text_drop", "both_drop", "gate", "face_loss_weight", "face_box_grow", "landmark_frame"});
         try {
             if (j.contains("resolution")) c.resolution = j.at("resolution").get<index_t>();
             if (j.contains("init_checkpoint")) c.init_checkpoint = j.at("init_checkpoint").get<std::string>();
@@ -85,6 +96,9 @@ struct anchor_trainer_config : trainer_common_config {
             if (j.contains("text_drop")) c.text_drop = j.at("text_drop").get<double>();
             if (j.contains("both_drop")) c.both_drop = j.at("both_drop").get<double>();
             if (j.contains("gate")) c.gate = j.at("gate").get<bool>();
+            if (j.contains("face_loss_weight")) c.face_loss_weight = j.at("face_loss_weight").get<double>();
+            if (j.contains("face_box_grow")) c.face_box_grow = j.at("face_box_grow").get<double>();
+            if (j.contains("landmark_frame")) c.landmark_frame = j.at("landmark_frame").get<double>();
         } catch (const nlohmann::json::exception& e) {
             throw value_error(detail::trainer_component, std::string("config: ") + e.what());
         }
@@ -103,6 +117,9 @@ struct anchor_trainer_config : trainer_common_config {
         j["text_drop"] = text_drop;
         j["both_drop"] = both_drop;
         j["gate"] = gate;
+        j["face_loss_weight"] = face_loss_weight;
+        j["face_box_grow"] = face_box_grow;
+        j["landmark_frame"] = landmark_frame;
         return j;
     }
     void validate() const {
@@ -113,8 +130,43 @@ struct anchor_trainer_config : trainer_common_config {
         need(num_tokens >= 1 && projection_depth >= 0, "config: \"num_tokens\" must be >= 1 and \"projection_depth\" >= 0");
         need(id_drop >= 0 && text_drop >= 0 && both_drop >= 0 && id_drop + text_drop + both_drop <= 1,
              "config: the drop rates must be >= 0 and sum to at most 1");
+        need(std::isfinite(face_loss_weight) && face_loss_weight >= 1, "config: \"face_loss_weight\" must be >= 1");
+        need(std::isfinite(face_box_grow) && face_box_grow > 0, "config: \"face_box_grow\" must be > 0");
+        need(std::isfinite(landmark_frame) && landmark_frame > 0, "config: \"landmark_frame\" must be > 0");
     }
 };
+
+/// The loss weights of an h x w latent grid for one face: `weight` on every
+/// cell whose centre lies in the box of the landmarks ((x, y) pairs on a
+/// frame x frame picture), grown `grow` times about its centre; 1 elsewhere.
+/// A face partly outside the picture is clipped; one wholly outside weighs
+/// nothing extra.
+///
+///     auto m = face_loss_map(sample.landmarks, 512.0, 8, 8, 4.0, 1.5);   // 64 values, 1 or 4
+inline std::vector<float> face_loss_map(std::span<const float> landmarks, double frame, index_t h, index_t w, double weight, double grow) {
+    const auto need = [](bool ok, const auto&... what) { check<value_error>(ok, detail::trainer_component, "face_loss_map: ", what...); };
+    need(h > 0 && w > 0, "grid ", h, " x ", w, " is empty");
+    need(std::isfinite(frame) && frame > 0 && std::isfinite(weight) && weight >= 0 && std::isfinite(grow) && grow > 0,
+         "frame, weight and grow must be finite, frame and grow > 0, weight >= 0");
+    need(!landmarks.empty() && landmarks.size() % 2 == 0, landmarks.size(), " landmark values are not (x, y) pairs");
+    double x0 = landmarks[0], x1 = x0, y0 = landmarks[1], y1 = y0;
+    for (std::size_t i = 0; i < landmarks.size(); i += 2) {
+        need(std::isfinite(landmarks[i]) && std::isfinite(landmarks[i + 1]), "landmark ", i / 2, " is not finite");
+        x0 = std::min<double>(x0, landmarks[i]), x1 = std::max<double>(x1, landmarks[i]);
+        y0 = std::min<double>(y0, landmarks[i + 1]), y1 = std::max<double>(y1, landmarks[i + 1]);
+    }
+    const double cx = (x0 + x1) / 2, cy = (y0 + y1) / 2, hx = (x1 - x0) * grow / 2, hy = (y1 - y0) * grow / 2;
+    std::vector<float> m(static_cast<std::size_t>(h * w), 1.0f);
+    for (index_t r = 0; r < h; ++r) {
+        const double y = (static_cast<double>(r) + 0.5) * frame / static_cast<double>(h);
+        if (std::abs(y - cy) > hy) continue;
+        for (index_t c = 0; c < w; ++c) {
+            const double x = (static_cast<double>(c) + 0.5) * frame / static_cast<double>(w);
+            if (std::abs(x - cx) <= hx) m[static_cast<std::size_t>(r * w + c)] = static_cast<float>(weight);
+        }
+    }
+    return m;
+}
 
 /// The anchoring-stage trainer (see the file comment).
 template <class B, class T = float, communicator C = single_process_communicator>
@@ -303,9 +355,21 @@ private:
         const std::vector<float> tf{static_cast<float>(t)};
         const auto eps = sd_->unet.forward_train(ctx, tp, x, std::span<const float>(tf), c, &hooks_,
                                                  {.checkpoint_blocks = cfg_.activation_checkpointing});
-        auto [loss, loss_saved] = mse_loss_forward(ctx, eps.value, noise);
-        const double value = static_cast<double>(loss.to_host(ctx)[0]);
-        const auto d_eps = ops::scale(ctx, mse_loss_backward(ctx, loss_saved).prediction, 1.0 / static_cast<double>(cfg_.batch));
+        double value = 0;
+        tensor_type d_eps;
+        if (cfg_.face_loss_weight != 1.0 && !s.landmarks.empty()) {
+            const index_t h = eps.value.dim(2), w = eps.value.dim(3);
+            const auto map = face_loss_map(s.landmarks, cfg_.landmark_frame, h, w, cfg_.face_loss_weight, cfg_.face_box_grow);
+            std::vector<T> mt(map.size());
+            std::transform(map.begin(), map.end(), mt.begin(), [](float v) { return static_cast<T>(v); });
+            auto [loss, saved] = weighted_mse_loss_forward(ctx, eps.value, noise, tensor_type::from_host(ctx, {1, 1, h, w}, mt));
+            value = static_cast<double>(loss.to_host(ctx)[0]);
+            d_eps = ops::scale(ctx, weighted_mse_loss_backward(ctx, saved).prediction, 1.0 / static_cast<double>(cfg_.batch));
+        } else {
+            auto [loss, saved] = mse_loss_forward(ctx, eps.value, noise);
+            value = static_cast<double>(loss.to_host(ctx)[0]);
+            d_eps = ops::scale(ctx, mse_loss_backward(ctx, saved).prediction, 1.0 / static_cast<double>(cfg_.batch));
+        }
         tp.backward(ctx, eps, d_eps);
         const auto& d_states = tp.gradient(c);
         if (d_states.defined()) {

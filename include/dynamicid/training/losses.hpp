@@ -2,6 +2,8 @@
 // with its backward.
 //
 //   anchoring stage       MSE(eps_pred, eps)                          mse_loss
+//                         or mean(w * (eps_pred - eps)^2), w larger
+//                         on the face                                 weighted_mse_loss
 //   reconfiguration stage DFM + lambda * LDC                          reconfiguration_loss
 //       DFM = MSE(predicted tokens, target tokens)                    feature_matching_loss
 //       LDC = MSE(UNet eps with predicted tokens, UNet eps with target tokens)
@@ -106,6 +108,77 @@ template <class B, class T>
     requires computes_in<B, T>
 mse_grads<B, T> mse_loss_backward(context_t<B>& ctx, const mse_saved<B, T>& saved, mse_needs need = {}) {
     return mse_loss_backward(ctx, saved, tensor<B, T>::full(ctx, {1}, element_cast<T>(1.0)), need);
+}
+
+/// What weighted_mse_loss_backward needs: prediction - target, and the weight.
+template <class B, class T>
+struct weighted_mse_saved {
+    tensor<B, T> difference, weight;
+};
+
+/// mean(weight * (prediction - target)^2) over every element of the
+/// prediction, shape (1); in torch `(weight * (prediction - target) ** 2).mean()`.
+/// The weight broadcasts against the prediction (a (N, 1, H, W) map against
+/// (N, C, H, W) latents) and holds finite values >= 0; a weight of ones is
+/// mse_loss. The anchoring trainer uses it to give the face more of the
+/// denoising loss (anchor_trainer_config::face_loss_weight).
+template <class B, class T>
+    requires computes_in<B, T>
+std::pair<tensor<B, T>, weighted_mse_saved<B, T>> weighted_mse_loss_forward(context_t<B>& ctx, const tensor<B, T>& prediction,
+                                                                           const tensor<B, T>& target, const tensor<B, T>& weight) {
+    constexpr std::string_view component = "weighted_mse_loss";
+    check<shape_error>(weight.defined(), component, "undefined weight");
+    check<shape_error>(prediction.defined() && target.defined(), component, "undefined input");
+    check<shape_error>(prediction.shape() == target.shape(), component, "prediction ", prediction.shape().str(), " and target ",
+                       target.shape().str(), " differ in shape");
+    check<shape_error>(prediction.numel() > 0, component, "empty input ", prediction.shape().str());
+    bool fits = weight.rank() <= prediction.rank();
+    for (int i = 1; fits && i <= weight.rank(); ++i) {
+        const index_t w = weight.dim(weight.rank() - i), p = prediction.dim(prediction.rank() - i);
+        fits = w == p || w == 1;
+    }
+    check<shape_error>(fits, component, "weight ", weight.shape().str(), " does not broadcast to ", prediction.shape().str());
+    for (const auto v : weight.to_host(ctx)) {
+        const double d = element_cast<double>(v);
+        check<value_error>(std::isfinite(d) && d >= 0, component, "weight holds ", d, "; weights must be finite and >= 0");
+    }
+    const auto diff = ops::sub(ctx, prediction, target);
+    std::vector<int> axes(static_cast<std::size_t>(diff.rank()));
+    for (int i = 0; i < diff.rank(); ++i) axes[static_cast<std::size_t>(i)] = i;
+    auto loss = ops::mean(ctx, ops::mul(ctx, ops::mul(ctx, diff, diff), weight), axes).reshape({1});
+    detail::check_finite_loss(ctx, component, loss);
+    return {loss, weighted_mse_saved<B, T>{diff, weight}};
+}
+
+template <class B, class T>
+    requires computes_in<B, T>
+tensor<B, T> weighted_mse_loss(context_t<B>& ctx, const tensor<B, T>& prediction, const tensor<B, T>& target, const tensor<B, T>& weight) {
+    return weighted_mse_loss_forward(ctx, prediction, target, weight).first;
+}
+
+/// d (grad_output * loss): 2 grad_output weight (prediction - target) / numel
+/// for the prediction, its negative for the target. The weight gets none.
+template <class B, class T>
+    requires computes_in<B, T>
+mse_grads<B, T> weighted_mse_loss_backward(context_t<B>& ctx, const weighted_mse_saved<B, T>& saved, const tensor<B, T>& grad_output,
+                                           mse_needs need = {}) {
+    const auto& diff = saved.difference;
+    check<shape_error>(diff.defined() && grad_output.numel() == 1, "weighted_mse_loss", "grad_output ", grad_output.shape().str(),
+                       " is not a single value");
+    mse_grads<B, T> g;
+    if (!need.prediction && !need.target) return g;
+    const std::vector<index_t> ones(static_cast<std::size_t>(diff.rank()), 1);
+    const auto d = ops::scale(ctx, ops::mul(ctx, ops::mul(ctx, diff, saved.weight), grad_output.reshape(ones)),
+                              2.0 / static_cast<double>(diff.numel()));
+    if (need.prediction) g.prediction = d;
+    if (need.target) g.target = ops::scale(ctx, d, -1.0);
+    return g;
+}
+
+template <class B, class T>
+    requires computes_in<B, T>
+mse_grads<B, T> weighted_mse_loss_backward(context_t<B>& ctx, const weighted_mse_saved<B, T>& saved, mse_needs need = {}) {
+    return weighted_mse_loss_backward(ctx, saved, tensor<B, T>::full(ctx, {1}, element_cast<T>(1.0)), need);
 }
 
 /// DFM: MSE between the IMR's edited identity tokens and the target image's
