@@ -744,7 +744,11 @@ TEST_CASE("identity grad: bad shapes and degenerate batches give clear errors", 
         expect(a, tensor_t<float>::full(ctx, {1, 2, 3, 4}, 1.0f), "does not broadcast");
         expect(a, tensor_t<float>::full(ctx, {2, 1, 4}, -1.0f), "must be finite and >= 0");
         expect(a, tensor_t<float>::full(ctx, {2, 1, 4}, std::numeric_limits<float>::quiet_NaN()), "must be finite and >= 0");
+        expect(a, tensor_t<float>::full(ctx, {2, 1, 4}, std::numeric_limits<float>::infinity()), "must be finite and >= 0");
+        expect(a, tensor_t<float>{}, "undefined weight");
         expect(tensor_t<float>::full(ctx, {2, 3, 4}, std::numeric_limits<float>::infinity()), ones, "not finite");
+        const auto empty = tensor_t<float>::zeros(ctx, {0, 3, 4});
+        CHECK_THROWS_AS(training::weighted_mse_loss(ctx, empty, empty, ones), dynamicid::shape_error);
         CHECK_THROWS_AS(training::weighted_mse_loss(ctx, a, tensor_t<float>::zeros(ctx, {2, 3}), ones), dynamicid::shape_error);
         auto [l, s] = training::weighted_mse_loss_forward(ctx, a, a, ones);
         CHECK_THROWS_AS(training::weighted_mse_loss_backward(ctx, s, a), dynamicid::shape_error);

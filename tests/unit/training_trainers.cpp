@@ -167,9 +167,19 @@ TEST_CASE("trainers: a reconfiguration run resumed is bit-identical and loads in
 }
 
 TEST_CASE("trainers: the face weighting of the anchoring loss covers the landmarks' grown box", "[training][trainer]") {
-    // A square face from (16, 16) to (48, 48) on a 64 x 64 frame, on an 8 x 8 grid (cell centres at 4, 12, ..., 60).
+    // A square face from (16, 16) to (48, 48) on a 64 x 64 frame over a 64 x 64 file, on an 8 x 8 grid
+    // (cell centres at 4, 12, ..., 60).
     const std::vector<float> square{16, 16, 48, 16, 48, 48, 16, 48, 32, 32};
-    const auto m = training::face_loss_map(square, 64.0, 8, 8, 3.0, 1.0);
+    const auto map = [](const std::vector<float>& l, dynamicid::index_t fh, dynamicid::index_t fw, double weight, double grow) {
+        return training::face_loss_map(l, 64.0, fh, fw, 8, 8, weight, grow);
+    };
+    const auto weighted = [](const std::vector<float>& m) {
+        std::vector<int> cells;
+        for (std::size_t i = 0; i < m.size(); ++i)
+            if (m[i] != 1.0f) cells.push_back(static_cast<int>(i));
+        return cells;
+    };
+    const auto m = map(square, 64, 64, 3.0, 1.0);
     REQUIRE(m.size() == 64);
     for (int r = 0; r < 8; ++r)
         for (int c = 0; c < 8; ++c) {
@@ -177,30 +187,55 @@ TEST_CASE("trainers: the face weighting of the anchoring loss covers the landmar
             CHECK(m[static_cast<std::size_t>(r * 8 + c)] == (inside ? 3.0f : 1.0f));
         }
     // Grown 1.5 times: half-width 24 about 32, so centres 12 ... 52 (cells 1 ... 6).
-    const auto grown = training::face_loss_map(square, 64.0, 8, 8, 3.0, 1.5);
+    const auto grown = map(square, 64, 64, 3.0, 1.5);
     CHECK(grown[1 * 8 + 1] == 3.0f);
     CHECK(grown[6 * 8 + 6] == 3.0f);
     CHECK(grown[0] == 1.0f);
     CHECK(grown[7 * 8 + 7] == 1.0f);
+    // A file twice as wide as high: the frame's x spans 128 pixels, the crop keeps x 32 ... 96. The face at frame
+    // x 16 ... 48 is file x 32 ... 96, the whole crop's width; y stays 16 ... 48.
+    const auto wide = map(square, 64, 128, 3.0, 1.0);
+    for (int r = 0; r < 8; ++r)
+        for (int c = 0; c < 8; ++c) CHECK(wide[static_cast<std::size_t>(r * 8 + c)] == (r >= 2 && r <= 5 ? 3.0f : 1.0f));
+    // A face at the frame's left edge of that wide file falls wholly left of the crop.
+    const std::vector<float> left_edge{0, 16, 12, 48};
+    CHECK(weighted(map(left_edge, 64, 128, 3.0, 1.0)).empty());
+    // A face across the picture's edge is clipped: frame x 48 ... 80 over a square file keeps cells 6 and 7.
+    const std::vector<float> edge{48, 16, 80, 48};
+    const auto clipped = map(edge, 64, 64, 3.0, 1.0);
+    CHECK(clipped[2 * 8 + 6] == 3.0f);
+    CHECK(clipped[2 * 8 + 7] == 3.0f);
+    CHECK(clipped[2 * 8 + 5] == 1.0f);
+    // A face smaller than a cell weighs the cell under its centre.
+    const std::vector<float> tiny{33, 17, 34, 18};
+    CHECK(weighted(map(tiny, 64, 64, 3.0, 1.0)) == std::vector<int>{2 * 8 + 4});
     // Off the picture: no extra weight anywhere.
     const std::vector<float> away{200, 200, 220, 220};
-    for (const float v : training::face_loss_map(away, 64.0, 8, 8, 3.0, 1.5)) CHECK(v == 1.0f);
+    CHECK(weighted(map(away, 64, 64, 3.0, 1.5)).empty());
     // Bad input is a clear error.
-    const auto bad = [](std::vector<float> l, double frame, dynamicid::index_t h, double weight, double grow) {
+    const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+    const auto bad = [](std::vector<float> l, double frame, dynamicid::index_t h, dynamicid::index_t w, double weight, double grow) {
         try {
-            training::face_loss_map(l, frame, h, h, weight, grow);
+            training::face_loss_map(l, frame, 64, 64, h, w, weight, grow);
         } catch (const dynamicid::value_error& e) {
-            return std::string(e.what()).find("face_loss_map") != std::string::npos;
+            return std::string(e.what()).find("[trainer] face_loss_map: ") == 0;
         }
         return false;
     };
-    CHECK(bad({}, 64.0, 8, 3.0, 1.5));
-    CHECK(bad({1, 2, 3}, 64.0, 8, 3.0, 1.5));
-    CHECK(bad({1, std::numeric_limits<float>::quiet_NaN()}, 64.0, 8, 3.0, 1.5));
-    CHECK(bad(square, 0.0, 8, 3.0, 1.5));
-    CHECK(bad(square, 64.0, 0, 3.0, 1.5));
-    CHECK(bad(square, 64.0, 8, -1.0, 1.5));
-    CHECK(bad(square, 64.0, 8, 3.0, 0.0));
+    CHECK(bad({}, 64.0, 8, 8, 3.0, 1.5));
+    CHECK(bad({1, 2, 3}, 64.0, 8, 8, 3.0, 1.5));
+    CHECK(bad({1, std::numeric_limits<float>::quiet_NaN()}, 64.0, 8, 8, 3.0, 1.5));
+    CHECK(bad({1, std::numeric_limits<float>::infinity()}, 64.0, 8, 8, 3.0, 1.5));
+    CHECK(bad(square, 0.0, 8, 8, 3.0, 1.5));
+    CHECK(bad(square, inf, 8, 8, 3.0, 1.5));
+    CHECK(bad(square, 64.0, 0, 8, 3.0, 1.5));
+    CHECK(bad(square, 64.0, 8, 0, 3.0, 1.5));
+    CHECK(bad(square, 64.0, 8, 8, -1.0, 1.5));
+    CHECK(bad(square, 64.0, 8, 8, nan, 1.5));
+    CHECK(bad(square, 64.0, 8, 8, 3.0, 0.0));
+    CHECK(bad(square, 64.0, 8, 8, 3.0, nan));
+    CHECK(bad(square, 64.0, 8, 8, 3.0, inf));
+    CHECK_THROWS_AS(training::face_loss_map(square, 64.0, 0, 64, 8, 8, 3.0, 1.5), dynamicid::value_error);
 }
 
 TEST_CASE("trainers: a face-weighted anchoring run is deterministic and differs from plain MSE", "[training][trainer]") {
@@ -215,11 +250,27 @@ TEST_CASE("trainers: a face-weighted anchoring run is deterministic and differs 
     const auto lp = losses_of(ctx, p), la = losses_of(ctx, a), lb = losses_of(ctx, b);
     CHECK(la == lb);
     REQUIRE(la.size() == lp.size());
-    for (std::size_t i = 0; i < la.size(); ++i) {
-        INFO("step " << i << ": face-weighted " << la[i] << ", plain " << lp[i]);
-        CHECK(std::isfinite(la[i]));
-        CHECK(la[i] > lp[i]);  // same draws; every face cell weighs 4 instead of 1
+    INFO("first step: face-weighted " << la[0] << ", plain " << lp[0]);
+    CHECK(la[0] > lp[0]);  // same weights and draws; every face cell weighs 4 instead of 1
+    for (const double l : la) CHECK(std::isfinite(l));
+
+    // Without landmarks the weight changes nothing: the run is plain MSE's, bit for bit.
+    {
+        std::ifstream in(manifest);
+        std::ofstream out(dir.path / "no_landmarks.jsonl");
+        std::string line;
+        while (std::getline(in, line)) {
+            auto j = nlohmann::json::parse(line);
+            j.erase("landmarks");
+            out << j.dump() << "\n";
+        }
     }
+    auto np = anchor_config(dir.path / "no_landmarks.jsonl", dir.path / "np", steps), nw = anchor_config(dir.path / "no_landmarks.jsonl",
+                                                                                                          dir.path / "nw", steps);
+    nw.face_loss_weight = 4.0;
+    training::anchor_trainer<cpu_backend> tp(ctx, np), tw(ctx, nw);
+    CHECK(losses_of(ctx, tp) == losses_of(ctx, tw));
+
     // The keys round-trip through JSON and are validated.
     const auto parsed = training::anchor_trainer_config::from_json(
         nlohmann::json::parse(R"({"face_loss_weight": 3, "face_box_grow": 1.25, "landmark_frame": 256})"));
@@ -227,12 +278,22 @@ TEST_CASE("trainers: a face-weighted anchoring run is deterministic and differs 
     CHECK(parsed.face_box_grow == 1.25);
     CHECK(parsed.landmark_frame == 256.0);
     CHECK(training::anchor_trainer_config::from_json(parsed.to_json()).face_box_grow == 1.25);
-    auto c = fa;
-    c.face_loss_weight = 0.5;
-    CHECK_THROWS_AS(training::anchor_trainer<cpu_backend>(ctx, c), dynamicid::value_error);
-    c = fa;
-    c.face_box_grow = 0;
-    CHECK_THROWS_AS(training::anchor_trainer<cpu_backend>(ctx, c), dynamicid::value_error);
+    CHECK_THROWS_AS(training::anchor_trainer_config::from_json(nlohmann::json::parse(R"({"face_loss_weight": "x"})")),
+                    dynamicid::value_error);
+    for (const auto& [key, value] : {std::pair{"face_loss_weight", 0.0}, {"face_loss_weight", std::nan("")}, {"face_box_grow", 0.0},
+                                     {"landmark_frame", -1.0}, {"landmark_frame", std::nan("")}}) {
+        auto c = fa;
+        if (std::string(key) == "face_loss_weight") c.face_loss_weight = value;
+        if (std::string(key) == "face_box_grow") c.face_box_grow = value;
+        if (std::string(key) == "landmark_frame") c.landmark_frame = value;
+        INFO(key << " = " << value);
+        try {
+            training::anchor_trainer<cpu_backend> t(ctx, c);
+            FAIL("no error");
+        } catch (const dynamicid::value_error& e) {
+            CHECK(std::string(e.what()).find(key) != std::string::npos);
+        }
+    }
 }
 
 TEST_CASE("trainers: bad manifests and configs are clear errors", "[training][trainer]") {

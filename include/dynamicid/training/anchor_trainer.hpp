@@ -76,10 +76,13 @@ struct anchor_trainer_config : trainer_common_config {
     double id_drop = 0.05, text_drop = 0.05, both_drop = 0.05;  ///< ["id_drop"], ["text_drop"], ["both_drop"]
     bool gate = true;                        ///< ["gate"] SAA gating (activate_query) in the training forward
     /// ["face_loss_weight"] the denoising loss's weight on the face (1: plain MSE, the paper's loss). Above 1, the
-    /// identity, which only the face shows, gets more of the loss; samples without landmarks keep plain MSE.
+    /// identity, which only the face shows, gets more of the loss; samples without landmarks keep plain MSE. The
+    /// loss is mean(m (eps_pred - eps)^2), not divided by mean(m): its scale, and the gradients', grow with the
+    /// face's share of the picture (by 1 + (w - 1) x that share). Below 1 the face counts less.
     double face_loss_weight = 1.0;
     double face_box_grow = 1.5;              ///< ["face_box_grow"] the face box: the landmarks' box grown this many times
-    double landmark_frame = 512.0;           ///< ["landmark_frame"] side of the frame the manifest's landmarks are given on
+    /// ["landmark_frame"] side of the square the manifest's landmarks are given on, which stands for the whole image file
+    double landmark_frame = 512.0;
 
     static anchor_trainer_config from_json(const nlohmann::json& j) {
         anchor_trainer_config c;
@@ -130,40 +133,59 @@ struct anchor_trainer_config : trainer_common_config {
         need(num_tokens >= 1 && projection_depth >= 0, "config: \"num_tokens\" must be >= 1 and \"projection_depth\" >= 0");
         need(id_drop >= 0 && text_drop >= 0 && both_drop >= 0 && id_drop + text_drop + both_drop <= 1,
              "config: the drop rates must be >= 0 and sum to at most 1");
-        need(std::isfinite(face_loss_weight) && face_loss_weight >= 1, "config: \"face_loss_weight\" must be >= 1");
+        need(std::isfinite(face_loss_weight) && face_loss_weight > 0, "config: \"face_loss_weight\" must be finite and > 0");
         need(std::isfinite(face_box_grow) && face_box_grow > 0, "config: \"face_box_grow\" must be > 0");
         need(std::isfinite(landmark_frame) && landmark_frame > 0, "config: \"landmark_frame\" must be > 0");
     }
 };
 
 /// The loss weights of an h x w latent grid for one face: `weight` on every
-/// cell whose centre lies in the box of the landmarks ((x, y) pairs on a
-/// frame x frame picture), grown `grow` times about its centre; 1 elsewhere.
-/// A face partly outside the picture is clipped; one wholly outside weighs
-/// nothing extra.
+/// cell whose centre lies in the box of the landmarks, grown `grow` times
+/// about its centre; 1 elsewhere. The landmarks are (x, y) pairs on a
+/// frame x frame square that stands for the whole image file of
+/// image_height x image_width pixels (x scaled by frame / width, y by
+/// frame / height), as the manifest gives them; the grid covers the
+/// training picture, the file's centred square crop (load_training_image).
+/// A box partly outside the crop is clipped; a box too small to hold a cell
+/// centre weighs the cell under its centre; a box wholly outside the crop
+/// weighs nothing extra.
 ///
-///     auto m = face_loss_map(sample.landmarks, 512.0, 8, 8, 4.0, 1.5);   // 64 values, 1 or 4
-inline std::vector<float> face_loss_map(std::span<const float> landmarks, double frame, index_t h, index_t w, double weight, double grow) {
+///     auto m = face_loss_map(sample.landmarks, 512.0, 64, 64, 16, 16, 4.0, 1.5);   // 256 values, 1 or 4
+inline std::vector<float> face_loss_map(std::span<const float> landmarks, double frame, index_t image_height, index_t image_width,
+                                        index_t h, index_t w, double weight, double grow) {
     const auto need = [](bool ok, const auto&... what) { check<value_error>(ok, detail::trainer_component, "face_loss_map: ", what...); };
-    need(h > 0 && w > 0, "grid ", h, " x ", w, " is empty");
-    need(std::isfinite(frame) && frame > 0 && std::isfinite(weight) && weight >= 0 && std::isfinite(grow) && grow > 0,
-         "frame, weight and grow must be finite, frame and grow > 0, weight >= 0");
+    need(h > 0 && w > 0 && image_height > 0 && image_width > 0, "grid ", h, " x ", w, " or image ", image_height, " x ", image_width,
+         " is empty");
+    need(std::isfinite(frame) && frame > 0, "frame ", frame, " must be finite and > 0");
+    need(std::isfinite(weight) && weight >= 0, "weight ", weight, " must be finite and >= 0");
+    need(std::isfinite(grow) && grow > 0, "grow ", grow, " must be finite and > 0");
     need(!landmarks.empty() && landmarks.size() % 2 == 0, landmarks.size(), " landmark values are not (x, y) pairs");
-    double x0 = landmarks[0], x1 = x0, y0 = landmarks[1], y1 = y0;
+    // Landmarks to pixels of the file, then to the crop's unit square.
+    const double side = static_cast<double>(std::min(image_height, image_width));
+    const double top = (static_cast<double>(image_height) - side) / 2, left = (static_cast<double>(image_width) - side) / 2;
+    const auto to_u = [&](float x) { return (static_cast<double>(x) / frame * static_cast<double>(image_width) - left) / side; };
+    const auto to_v = [&](float y) { return (static_cast<double>(y) / frame * static_cast<double>(image_height) - top) / side; };
+    double x0 = to_u(landmarks[0]), x1 = x0, y0 = to_v(landmarks[1]), y1 = y0;
     for (std::size_t i = 0; i < landmarks.size(); i += 2) {
         need(std::isfinite(landmarks[i]) && std::isfinite(landmarks[i + 1]), "landmark ", i / 2, " is not finite");
-        x0 = std::min<double>(x0, landmarks[i]), x1 = std::max<double>(x1, landmarks[i]);
-        y0 = std::min<double>(y0, landmarks[i + 1]), y1 = std::max<double>(y1, landmarks[i + 1]);
+        x0 = std::min(x0, to_u(landmarks[i])), x1 = std::max(x1, to_u(landmarks[i]));
+        y0 = std::min(y0, to_v(landmarks[i + 1])), y1 = std::max(y1, to_v(landmarks[i + 1]));
     }
     const double cx = (x0 + x1) / 2, cy = (y0 + y1) / 2, hx = (x1 - x0) * grow / 2, hy = (y1 - y0) * grow / 2;
     std::vector<float> m(static_cast<std::size_t>(h * w), 1.0f);
+    bool any = false;
     for (index_t r = 0; r < h; ++r) {
-        const double y = (static_cast<double>(r) + 0.5) * frame / static_cast<double>(h);
+        const double y = (static_cast<double>(r) + 0.5) / static_cast<double>(h);
         if (std::abs(y - cy) > hy) continue;
         for (index_t c = 0; c < w; ++c) {
-            const double x = (static_cast<double>(c) + 0.5) * frame / static_cast<double>(w);
-            if (std::abs(x - cx) <= hx) m[static_cast<std::size_t>(r * w + c)] = static_cast<float>(weight);
+            const double x = (static_cast<double>(c) + 0.5) / static_cast<double>(w);
+            if (std::abs(x - cx) <= hx) m[static_cast<std::size_t>(r * w + c)] = static_cast<float>(weight), any = true;
         }
+    }
+    if (!any && cx >= 0 && cx < 1 && cy >= 0 && cy < 1) {
+        const auto r = std::min<index_t>(h - 1, static_cast<index_t>(cy * static_cast<double>(h)));
+        const auto c = std::min<index_t>(w - 1, static_cast<index_t>(cx * static_cast<double>(w)));
+        m[static_cast<std::size_t>(r * w + c)] = static_cast<float>(weight);
     }
     return m;
 }
@@ -334,7 +356,8 @@ private:
         const bool drop_text = u >= cfg_.id_drop && u < cfg_.id_drop + cfg_.text_drop + cfg_.both_drop;
         const std::int64_t t = detail::uniform_int(stream(purpose_timestep), 0, schedule_.num_train_timesteps());
 
-        const auto image = detail::load_training_image<B, T>(ctx, s.image, cfg_.resolution);
+        std::pair<index_t, index_t> file_size{};
+        const auto image = detail::load_training_image<B, T>(ctx, s.image, cfg_.resolution, &file_size);
         const auto dist = sd_->vae.encode(ctx, image);
         const auto x0 = ops::scale(ctx, sd_->vae.sample(ctx, dist, stream(purpose_vae)), sd_->vae.settings().scaling_factor);
         const auto noise = detail::normal_tensor<B, T>(ctx, x0.shape(), stream(purpose_noise));
@@ -359,7 +382,8 @@ private:
         tensor_type d_eps;
         if (cfg_.face_loss_weight != 1.0 && !s.landmarks.empty()) {
             const index_t h = eps.value.dim(2), w = eps.value.dim(3);
-            const auto map = face_loss_map(s.landmarks, cfg_.landmark_frame, h, w, cfg_.face_loss_weight, cfg_.face_box_grow);
+            const auto map = face_loss_map(s.landmarks, cfg_.landmark_frame, file_size.first, file_size.second, h, w, cfg_.face_loss_weight,
+                                           cfg_.face_box_grow);
             std::vector<T> mt(map.size());
             std::transform(map.begin(), map.end(), mt.begin(), [](float v) { return static_cast<T>(v); });
             auto [loss, saved] = weighted_mse_loss_forward(ctx, eps.value, noise, tensor_type::from_host(ctx, {1, 1, h, w}, mt));

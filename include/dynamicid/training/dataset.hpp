@@ -14,6 +14,10 @@
 //     {"person": "p17", "image": "p17/a.png", "arcface": "p17/a.safetensors",
 //      "landmarks": "p17/a_106.txt", "face_prompt": "the expression is happy, the face is front view"}
 //
+// Anchoring lines may carry "landmarks" too; the anchoring trainer uses them
+// only to weight the face in its loss (anchor_trainer_config::face_loss_weight).
+// The landmark frame stands for the whole image file, stretched to a square.
+//
 // Relative paths are relative to the manifest's folder. Optional keys:
 // "reference" (the image the CLIP features come from; default "image").
 // Unknown keys are ignored so manifests can carry more. Every problem is an

@@ -8,7 +8,8 @@
 //       DFM = MSE(predicted tokens, target tokens)                    feature_matching_loss
 //       LDC = MSE(UNet eps with predicted tokens, UNet eps with target tokens)
 //
-// Every MSE is torch.nn.functional.mse_loss with reduction="mean". Losses are
+// Every MSE is torch.nn.functional.mse_loss with reduction="mean" (the weighted
+// one is torch's (weight * (prediction - target) ** 2).mean()). Losses are
 // one-element tensors; a loss that is not finite throws value_error.
 //
 //     auto [loss, saved] = dynamicid::training::mse_loss_forward(ctx, eps_pred, eps);

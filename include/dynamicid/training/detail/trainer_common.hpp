@@ -109,9 +109,13 @@ tensor<B, T> clone(context_t<B>& ctx, const tensor<B, T>& t) {
 
 /// An image file resized (shortest edge, bicubic) and centre-cropped to
 /// size x size, as (1, 3, size, size) in [-1, 1] (diffusers' training transforms).
+/// `original` (when given) receives the file's height and width, which
+/// place the crop (face_loss_map).
 template <class B, class T>
-tensor<B, T> load_training_image(context_t<B>& ctx, const std::filesystem::path& path, index_t size) {
+tensor<B, T> load_training_image(context_t<B>& ctx, const std::filesystem::path& path, index_t size,
+                                 std::pair<index_t, index_t>* original = nullptr) {
     const auto img = modules::clip::load_image(path);
+    if (original) *original = {img.height, img.width};
     const double s = static_cast<double>(size) / static_cast<double>(std::min(img.height, img.width));
     const index_t h = std::max<index_t>(size, static_cast<index_t>(std::lround(img.height * s)));
     const index_t w = std::max<index_t>(size, static_cast<index_t>(std::lround(img.width * s)));
