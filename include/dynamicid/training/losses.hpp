@@ -57,18 +57,56 @@ void check_finite_loss(context_t<B>& ctx, std::string_view component, const tens
                        "): NaN or Inf in the inputs?");
 }
 
+// mean(weight (prediction - target)^2), weight undefined: 1. Returns the loss and prediction - target.
 template <class B, class T>
-std::pair<tensor<B, T>, mse_saved<B, T>> mse(context_t<B>& ctx, std::string_view component, const tensor<B, T>& prediction,
-                                             const tensor<B, T>& target) {
+std::pair<tensor<B, T>, tensor<B, T>> weighted_mean_square(context_t<B>& ctx, std::string_view component, const tensor<B, T>& prediction,
+                                                           const tensor<B, T>& target, const tensor<B, T>& weight) {
     check<shape_error>(prediction.defined() && target.defined(), component, "undefined input");
     check<shape_error>(prediction.shape() == target.shape(), component, "prediction ", prediction.shape().str(), " and target ",
                        target.shape().str(), " differ in shape");
     check<shape_error>(prediction.numel() > 0, component, "empty input ", prediction.shape().str());
-    const auto diff = ops::sub(ctx, prediction, target);
+    if (weight.defined()) {
+        bool fits = weight.rank() <= prediction.rank();
+        for (int i = 1; fits && i <= weight.rank(); ++i) {
+            const index_t w = weight.dim(weight.rank() - i), p = prediction.dim(prediction.rank() - i);
+            fits = w == p || w == 1;
+        }
+        check<shape_error>(fits, component, "weight ", weight.shape().str(), " does not broadcast to ", prediction.shape().str());
+        for (const auto v : weight.to_host(ctx)) {
+            const double d = element_cast<double>(v);
+            check<value_error>(std::isfinite(d) && d >= 0, component, "weight holds ", d, "; weights must be finite and >= 0");
+        }
+    }
+    auto diff = ops::sub(ctx, prediction, target);
     std::vector<int> axes(static_cast<std::size_t>(diff.rank()));
     for (int i = 0; i < diff.rank(); ++i) axes[static_cast<std::size_t>(i)] = i;
-    auto loss = ops::mean(ctx, ops::mul(ctx, diff, diff), axes).reshape({1});
+    auto square = ops::mul(ctx, diff, diff);
+    if (weight.defined()) square = ops::mul(ctx, square, weight);
+    auto loss = ops::mean(ctx, square, axes).reshape({1});
     check_finite_loss(ctx, component, loss);
+    return {loss, diff};
+}
+
+// The gradients of grad_output * mean(weight (prediction - target)^2), weight undefined: 1.
+template <class B, class T>
+mse_grads<B, T> weighted_mean_square_backward(context_t<B>& ctx, std::string_view component, const tensor<B, T>& diff,
+                                              const tensor<B, T>& weight, const tensor<B, T>& grad_output, mse_needs need) {
+    check<shape_error>(diff.defined() && grad_output.numel() == 1, component, "grad_output ", grad_output.shape().str(),
+                       " is not a single value");
+    mse_grads<B, T> g;
+    if (!need.prediction && !need.target) return g;
+    const std::vector<index_t> ones(static_cast<std::size_t>(diff.rank()), 1);
+    const auto scaled = ops::mul(ctx, weight.defined() ? ops::mul(ctx, diff, weight) : diff, grad_output.reshape(ones));
+    const auto d = ops::scale(ctx, scaled, 2.0 / static_cast<double>(diff.numel()));
+    if (need.prediction) g.prediction = d;
+    if (need.target) g.target = ops::scale(ctx, d, -1.0);
+    return g;
+}
+
+template <class B, class T>
+std::pair<tensor<B, T>, mse_saved<B, T>> mse(context_t<B>& ctx, std::string_view component, const tensor<B, T>& prediction,
+                                             const tensor<B, T>& target) {
+    auto [loss, diff] = weighted_mean_square(ctx, component, prediction, target, tensor<B, T>{});
     return {loss, mse_saved<B, T>{diff}};
 }
 
@@ -92,16 +130,7 @@ tensor<B, T> mse_loss(context_t<B>& ctx, const tensor<B, T>& prediction, const t
 template <class B, class T>
     requires computes_in<B, T>
 mse_grads<B, T> mse_loss_backward(context_t<B>& ctx, const mse_saved<B, T>& saved, const tensor<B, T>& grad_output, mse_needs need = {}) {
-    const auto& diff = saved.difference;
-    check<shape_error>(diff.defined() && grad_output.numel() == 1, "mse_loss", "grad_output ", grad_output.shape().str(),
-                       " is not a single value");
-    mse_grads<B, T> g;
-    if (!need.prediction && !need.target) return g;
-    const std::vector<index_t> ones(static_cast<std::size_t>(diff.rank()), 1);
-    const auto d = ops::scale(ctx, ops::mul(ctx, diff, grad_output.reshape(ones)), 2.0 / static_cast<double>(diff.numel()));
-    if (need.prediction) g.prediction = d;
-    if (need.target) g.target = ops::scale(ctx, d, -1.0);
-    return g;
+    return detail::weighted_mean_square_backward(ctx, "mse_loss", saved.difference, tensor<B, T>{}, grad_output, need);
 }
 
 /// The gradient of the loss itself (grad_output = 1).
@@ -127,27 +156,8 @@ template <class B, class T>
     requires computes_in<B, T>
 std::pair<tensor<B, T>, weighted_mse_saved<B, T>> weighted_mse_loss_forward(context_t<B>& ctx, const tensor<B, T>& prediction,
                                                                            const tensor<B, T>& target, const tensor<B, T>& weight) {
-    constexpr std::string_view component = "weighted_mse_loss";
-    check<shape_error>(weight.defined(), component, "undefined weight");
-    check<shape_error>(prediction.defined() && target.defined(), component, "undefined input");
-    check<shape_error>(prediction.shape() == target.shape(), component, "prediction ", prediction.shape().str(), " and target ",
-                       target.shape().str(), " differ in shape");
-    check<shape_error>(prediction.numel() > 0, component, "empty input ", prediction.shape().str());
-    bool fits = weight.rank() <= prediction.rank();
-    for (int i = 1; fits && i <= weight.rank(); ++i) {
-        const index_t w = weight.dim(weight.rank() - i), p = prediction.dim(prediction.rank() - i);
-        fits = w == p || w == 1;
-    }
-    check<shape_error>(fits, component, "weight ", weight.shape().str(), " does not broadcast to ", prediction.shape().str());
-    for (const auto v : weight.to_host(ctx)) {
-        const double d = element_cast<double>(v);
-        check<value_error>(std::isfinite(d) && d >= 0, component, "weight holds ", d, "; weights must be finite and >= 0");
-    }
-    const auto diff = ops::sub(ctx, prediction, target);
-    std::vector<int> axes(static_cast<std::size_t>(diff.rank()));
-    for (int i = 0; i < diff.rank(); ++i) axes[static_cast<std::size_t>(i)] = i;
-    auto loss = ops::mean(ctx, ops::mul(ctx, ops::mul(ctx, diff, diff), weight), axes).reshape({1});
-    detail::check_finite_loss(ctx, component, loss);
+    check<shape_error>(weight.defined(), "weighted_mse_loss", "undefined weight");
+    auto [loss, diff] = detail::weighted_mean_square(ctx, "weighted_mse_loss", prediction, target, weight);
     return {loss, weighted_mse_saved<B, T>{diff, weight}};
 }
 
@@ -163,17 +173,7 @@ template <class B, class T>
     requires computes_in<B, T>
 mse_grads<B, T> weighted_mse_loss_backward(context_t<B>& ctx, const weighted_mse_saved<B, T>& saved, const tensor<B, T>& grad_output,
                                            mse_needs need = {}) {
-    const auto& diff = saved.difference;
-    check<shape_error>(diff.defined() && grad_output.numel() == 1, "weighted_mse_loss", "grad_output ", grad_output.shape().str(),
-                       " is not a single value");
-    mse_grads<B, T> g;
-    if (!need.prediction && !need.target) return g;
-    const std::vector<index_t> ones(static_cast<std::size_t>(diff.rank()), 1);
-    const auto d = ops::scale(ctx, ops::mul(ctx, ops::mul(ctx, diff, saved.weight), grad_output.reshape(ones)),
-                              2.0 / static_cast<double>(diff.numel()));
-    if (need.prediction) g.prediction = d;
-    if (need.target) g.target = ops::scale(ctx, d, -1.0);
-    return g;
+    return detail::weighted_mean_square_backward(ctx, "weighted_mse_loss", saved.difference, saved.weight, grad_output, need);
 }
 
 template <class B, class T>
