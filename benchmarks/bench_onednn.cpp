@@ -10,6 +10,7 @@
 // Rows:
 //   kernels/gemm|conv/<shape>/<type>/<backend>    SD1.5's largest matmuls and convolutions at 512 x 512
 //   kernels/attention/<shape>/<type>/composed|blocked
+//   kernels/layer_norm_backward/<shape>/<type>/<backend>  a training op: input and affine gradients
 //                                                 the oneDNN backend's attention: gemm + softmax + gemm
 //                                                 over the whole score matrix, or its blocked path
 //   unet_sd15/<image>/<type>/<backend>            one UNet evaluation, batch 2 (classifier-free
@@ -225,6 +226,31 @@ void bm_attention(benchmark::State& state, attention_case a) {
     report(state, std::string("kernels/attention/") + a.name, type_name<T>(), Blocked ? "blocked" : "composed", 2.0 * macs, s);
 }
 
+struct layer_norm_case {
+    const char* name;
+    index_t rows, cols;
+};
+constexpr layer_norm_case layer_norm_cases[] = {
+    {"8192x320", 8192, 320},  // level 0 of a 512 UNet, batch 2
+    {"2048x640", 2048, 640},  // level 1
+};
+
+// The layer norm's backward (input and affine gradients), a training op. It is
+// memory-bound; GFLOP/s counts 8 floating-point operations per element.
+template <class B, class T>
+void bm_layer_norm_backward(benchmark::State& state, layer_norm_case c) {
+    typename B::context ctx{.threads = threads()};
+    const auto x = random_tensor<B, T>(ctx, {c.rows, c.cols}, 9);
+    const auto gamma = random_tensor<B, T>(ctx, {c.cols}, 10);
+    const auto beta = random_tensor<B, T>(ctx, {c.cols}, 11);
+    const auto dy = random_tensor<B, T>(ctx, {c.rows, c.cols}, 12);
+    const auto saved = dynamicid::ops::layer_norm_forward(ctx, x, &gamma, &beta).second;
+    auto run = [&] { benchmark::DoNotOptimize(dynamicid::ops::layer_norm_backward(ctx, saved, dy)); };
+    run();
+    const double s = run_timed(state, run);
+    report(state, std::string("kernels/layer_norm_backward/") + c.name, type_name<T>(), backend_name<B>(), 8.0 * double(c.rows * c.cols), s);
+}
+
 // ---- modules ----------------------------------------------------------------------------
 
 // Loads a module of type M<B, T> with random weights (one source per config,
@@ -369,6 +395,10 @@ void register_kernels() {
     for (const auto& a : attention_cases) {
         register_kernel("kernels/attention/" + std::string(a.name) + t + "/composed", bm_attention<T, false>, a);
         register_kernel("kernels/attention/" + std::string(a.name) + t + "/blocked", bm_attention<T, true>, a);
+    }
+    for (const auto& c : layer_norm_cases) {
+        register_kernel("kernels/layer_norm_backward/" + std::string(c.name) + t + "/reference", bm_layer_norm_backward<cpu_backend, T>, c);
+        register_kernel("kernels/layer_norm_backward/" + std::string(c.name) + t + "/onednn", bm_layer_norm_backward<onednn_backend, T>, c);
     }
 }
 

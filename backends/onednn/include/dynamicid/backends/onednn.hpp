@@ -291,8 +291,8 @@ struct onednn_backend {
     /// oneDNN's layer normalisation (it saves the variance; the backend
     /// converts to and from the reciprocal standard deviation the ops layer
     /// keeps). oneDNN 2.6 takes scale and shift in f32 only, so bf16 converts
-    /// gamma and beta (one row's worth) per call. The backward runs on oneDNN
-    /// in f32 and on the reference code in bf16.
+    /// gamma and beta (one row's worth) per call; the backward likewise
+    /// converts gamma and its f32 affine gradients.
     template <class T>
     static void layer_norm_forward(context& ctx, const layer_norm_desc& d, const T* x, const T* gamma, const T* beta, T* y,
                                    accum_t<T>* mean, accum_t<T>* rstd) {
@@ -346,9 +346,10 @@ struct onednn_backend {
     template <class T>
     static void layer_norm_backward(context& ctx, const layer_norm_desc& d, const T* x, const T* gamma, const accum_t<T>* mean,
                                     const accum_t<T>* rstd, const T* dy, T* dx, T* dgamma, T* dbeta) {
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (native<T>) {
             // oneDNN computes the input gradient with the affine gradients; a
             // call without dx, or with only one of dgamma/dbeta, uses the reference.
+            // Scale and the affine gradients are f32 operands: bf16 converts them.
             const bool params = dgamma || dbeta;
             if (dx && d.rows > 0 && d.cols > 0 && (!params || (dgamma && dbeta && gamma))) {
                 auto& rt = ctx.runtime();
@@ -356,11 +357,11 @@ struct onednn_backend {
                 onednn::detail::thread_scope scope(threads);
                 const auto flags = norm_flags(gamma != nullptr, params);
                 onednn::detail::key k("lnorm_bwd");
-                k << threads << d.rows << d.cols << d.eps << flags << params;
+                k << onednn::detail::data_type_of<T>() << threads << d.rows << d.cols << d.eps << flags << params;
                 using entry = onednn::detail::planned<dnnl::layer_normalization_backward::primitive_desc, dnnl::layer_normalization_backward>;
                 auto* e = rt.template lookup<entry>(k, [&] {
-                    const auto hint = lnorm_fwd_pd<float>(rt, d, flags);
-                    const dnnl::memory::desc md({d.rows, d.cols}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::ab);
+                    const auto hint = lnorm_fwd_pd<T>(rt, d, flags);
+                    const dnnl::memory::desc md({d.rows, d.cols}, onednn::detail::data_type_of<T>(), dnnl::memory::format_tag::ab);
                     dnnl::layer_normalization_backward::primitive_desc pd(
                         dnnl::layer_normalization_backward::desc(params ? dnnl::prop_kind::backward : dnnl::prop_kind::backward_data, md,
                                                                  md, static_cast<float>(d.eps), flags),
@@ -370,32 +371,59 @@ struct onednn_backend {
                 if (e) {
                     const auto& eng = rt.engine();
                     const auto rows = static_cast<std::size_t>(d.rows);
+                    const auto cols = static_cast<std::size_t>(d.cols);
                     // Back from the saved 1/sqrt(var + eps) to the variance oneDNN expects.
                     float* var = static_cast<float*>(rt.scratch(0, rows * sizeof(float)));
                     for (std::size_t r = 0; r < rows; ++r) {
                         const double inv = static_cast<double>(rstd[r]);
                         var[r] = static_cast<float>(1.0 / (inv * inv) - d.eps);
                     }
-                    float* zero_shift_grad = nullptr;
-                    if (params && !dbeta) zero_shift_grad = static_cast<float*>(rt.scratch(1, static_cast<std::size_t>(d.cols) * sizeof(float)));
+                    // An f32 view of a T vector of cols values: the vector itself, or a scratch slot.
+                    auto f32_slot = [&](T* p, std::size_t slot) -> float* {
+                        if constexpr (std::is_same_v<T, float>) {
+                            if (p) return p;
+                        }
+                        return static_cast<float*>(rt.scratch(slot, cols * sizeof(float)));
+                    };
                     const dnnl::memory::desc affine({d.cols}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::a);
                     std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, onednn::detail::wrap(e->pd.src_desc(), eng, x)},
                                                                {DNNL_ARG_DIFF_DST, onednn::detail::wrap(e->pd.diff_dst_desc(), eng, dy)},
                                                                {DNNL_ARG_MEAN, onednn::detail::wrap(e->pd.mean_desc(), eng, mean)},
                                                                {DNNL_ARG_VARIANCE, onednn::detail::wrap(e->pd.variance_desc(), eng, var)},
                                                                {DNNL_ARG_DIFF_SRC, onednn::detail::wrap(e->pd.diff_src_desc(), eng, dx)}};
-                    if (gamma) args.emplace(DNNL_ARG_SCALE, onednn::detail::wrap(affine, eng, gamma));
+                    if (gamma) {
+                        const float* g = nullptr;
+                        if constexpr (std::is_same_v<T, float>) {
+                            g = gamma;
+                        } else {
+                            float* f = f32_slot(nullptr, 4);
+                            for (std::size_t i = 0; i < cols; ++i) f[i] = static_cast<float>(gamma[i]);
+                            g = f;
+                        }
+                        args.emplace(DNNL_ARG_SCALE, onednn::detail::wrap(affine, eng, g));
+                    }
+                    float* dscale = nullptr;
+                    float* dshift = nullptr;
                     if (params) {
                         // oneDNN 2.6 insists on a shift operand whenever the shift flag is
                         // set, although its backward never reads it.
-                        auto* unused_shift = static_cast<float*>(rt.scratch(2, static_cast<std::size_t>(d.cols) * sizeof(float)));
+                        auto* unused_shift = static_cast<float*>(rt.scratch(2, cols * sizeof(float)));
                         std::fill(unused_shift, unused_shift + d.cols, 0.0f);
+                        dscale = f32_slot(dgamma, 5);
+                        dshift = f32_slot(dbeta, 6);
                         args.emplace(DNNL_ARG_SHIFT, onednn::detail::wrap(affine, eng, unused_shift));
-                        args.emplace(DNNL_ARG_DIFF_SCALE, onednn::detail::wrap(affine, eng, dgamma));
-                        args.emplace(DNNL_ARG_DIFF_SHIFT, onednn::detail::wrap(affine, eng, dbeta ? dbeta : zero_shift_grad));
+                        args.emplace(DNNL_ARG_DIFF_SCALE, onednn::detail::wrap(affine, eng, dscale));
+                        args.emplace(DNNL_ARG_DIFF_SHIFT, onednn::detail::wrap(affine, eng, dshift));
                     }
                     e->primitive.execute(rt.stream(), args);
                     rt.stream().wait();
+                    if constexpr (!std::is_same_v<T, float>) {
+                        if (params) {
+                            for (std::size_t i = 0; i < cols; ++i) dgamma[i] = static_cast<T>(dscale[i]);
+                            if (dbeta)
+                                for (std::size_t i = 0; i < cols; ++i) dbeta[i] = static_cast<T>(dshift[i]);
+                        }
+                    }
                     return;
                 }
             }
