@@ -10,7 +10,7 @@
 // Rows:
 //   kernels/gemm|conv/<shape>/<type>/<backend>    SD1.5's largest matmuls and convolutions at 512 x 512
 //   kernels/attention/<shape>/<type>/composed|blocked
-//   kernels/layer_norm_backward/<shape>/<type>/<backend>  a training op: input and affine gradients
+//   kernels/layer_norm_backward|geglu_backward/<shape>/<type>/<backend>   training ops
 //                                                 the oneDNN backend's attention: gemm + softmax + gemm
 //                                                 over the whole score matrix, or its blocked path
 //   unet_sd15/<image>/<type>/<backend>            one UNet evaluation, batch 2 (classifier-free
@@ -251,6 +251,20 @@ void bm_layer_norm_backward(benchmark::State& state, layer_norm_case c) {
     report(state, std::string("kernels/layer_norm_backward/") + c.name, type_name<T>(), backend_name<B>(), 8.0 * double(c.rows * c.cols), s);
 }
 
+// The GEGLU's backward (the feed-forward's gate), a training op: rows x cols
+// outputs from rows x 2 cols inputs. GFLOP/s counts 20 operations per output.
+template <class B, class T>
+void bm_geglu_backward(benchmark::State& state, layer_norm_case c) {
+    typename B::context ctx{.threads = threads()};
+    const auto x = random_tensor<B, T>(ctx, {c.rows, 2 * c.cols}, 13);
+    const auto dy = random_tensor<B, T>(ctx, {c.rows, c.cols}, 14);
+    const auto saved = dynamicid::ops::geglu_forward(ctx, x).second;
+    auto run = [&] { benchmark::DoNotOptimize(dynamicid::ops::geglu_backward(ctx, saved, dy)); };
+    run();
+    const double s = run_timed(state, run);
+    report(state, std::string("kernels/geglu_backward/") + c.name, type_name<T>(), backend_name<B>(), 20.0 * double(c.rows * c.cols), s);
+}
+
 // ---- modules ----------------------------------------------------------------------------
 
 // Loads a module of type M<B, T> with random weights (one source per config,
@@ -395,6 +409,10 @@ void register_kernels() {
     for (const auto& a : attention_cases) {
         register_kernel("kernels/attention/" + std::string(a.name) + t + "/composed", bm_attention<T, false>, a);
         register_kernel("kernels/attention/" + std::string(a.name) + t + "/blocked", bm_attention<T, true>, a);
+    }
+    for (const auto& c : {layer_norm_case{"8192x1280", 8192, 1280}}) {  // level 0's feed-forward at 512, batch 2
+        register_kernel("kernels/geglu_backward/" + std::string(c.name) + t + "/reference", bm_geglu_backward<cpu_backend, T>, c);
+        register_kernel("kernels/geglu_backward/" + std::string(c.name) + t + "/onednn", bm_geglu_backward<onednn_backend, T>, c);
     }
     for (const auto& c : layer_norm_cases) {
         register_kernel("kernels/layer_norm_backward/" + std::string(c.name) + t + "/reference", bm_layer_norm_backward<cpu_backend, T>, c);

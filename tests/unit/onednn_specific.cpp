@@ -104,6 +104,12 @@ void check_native_mix(double tol) {
     compare_with_reference<T>(ctx, "group_norm" + t, {{2, 32, 5, 5}, {32}, {32}}, tol,
                               [](auto& c, const auto& in) { return ops::group_norm(c, in[0], 8, &in[1], &in[2]); }, 131);
     compare_with_reference<T>(ctx, "geglu" + t, {{3, 70, 2 * 48}}, tol, [](auto& c, const auto& in) { return ops::geglu(c, in[0]); }, 151);
+    compare_with_reference<T>(ctx, "geglu forward and backward" + t, {{3, 70, 2 * 48}, {3, 70, 48}}, tol,
+                              [](auto& c, const auto& in) {
+                                  const auto [y, saved] = ops::geglu_forward(c, in[0]);
+                                  return ops::concat(c, std::vector{y.reshape({-1}), ops::geglu_backward(c, saved, in[1]).reshape({-1})}, 0);
+                              },
+                              155);
     compare_with_reference<T>(ctx, "layer_norm forward" + t, {{7, 48}, {48}, {48}}, tol,
                               [](auto& c, const auto& in) { return ops::layer_norm(c, in[0], &in[1], &in[2]); }, 145);
     compare_with_reference<T>(ctx, "layer_norm forward and backward" + t, {{7, 48}, {48}, {48}, {7, 48}}, tol,

@@ -692,8 +692,73 @@ public:
         auto ref = ctx.reference();
         cpu_backend::geglu_forward(ref, d, x, y);
     }
+    /// d hidden = dy gelu(gate), d gate = gelu'(gate) (dy hidden): the halves
+    /// gathered to dense operands, GELU forward, oneDNN's GELU backward with
+    /// diff_dst = dy hidden, two multiplies, and the two gradients scattered
+    /// back into dx's halves.
     template <class T>
     static void geglu_backward(context& ctx, const geglu_desc& d, const T* x, const T* dy, T* dx) {
+        if constexpr (native<T>) {
+            if (d.rows > 0 && d.cols > 0) {
+                auto& rt = ctx.runtime();
+                const int threads = ctx.thread_count();
+                onednn::detail::thread_scope scope(threads);
+                onednn::detail::key k("geglu_bwd");
+                k << onednn::detail::data_type_of<T>() << threads << d.rows << d.cols;
+                struct entry {
+                    dnnl::memory::desc half, dense, flat;
+                    dnnl::reorder gather, scatter;
+                    dnnl::eltwise_forward gelu;
+                    dnnl::eltwise_backward gelu_grad;
+                    dnnl::binary multiply;
+                };
+                auto* e = rt.template lookup<entry>(k, [&] {
+                    const auto dt = onednn::detail::data_type_of<T>();
+                    const dnnl::memory::desc half({d.rows, d.cols}, dt, dnnl::memory::dims{2 * d.cols, 1});
+                    const dnnl::memory::desc dense({d.rows, d.cols}, dt, tag::ab);
+                    const dnnl::memory::desc flat({d.rows * d.cols}, dt, tag::a);
+                    const dnnl::eltwise_forward::primitive_desc gelu(
+                        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_training, dnnl::algorithm::eltwise_gelu_erf, flat, 0.0f, 0.0f),
+                        rt.engine());
+                    const dnnl::eltwise_backward::primitive_desc gelu_grad(
+                        dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_gelu_erf, flat, flat, 0.0f, 0.0f), rt.engine(), gelu);
+                    const dnnl::binary::primitive_desc multiply(dnnl::binary::desc(dnnl::algorithm::binary_mul, flat, flat, flat), rt.engine());
+                    return entry{half,
+                                 dense,
+                                 flat,
+                                 dnnl::reorder(dnnl::reorder::primitive_desc(rt.engine(), half, rt.engine(), dense)),
+                                 dnnl::reorder(dnnl::reorder::primitive_desc(rt.engine(), dense, rt.engine(), half)),
+                                 dnnl::eltwise_forward(gelu),
+                                 dnnl::eltwise_backward(gelu_grad),
+                                 dnnl::binary(multiply)};
+                });
+                if (e) {
+                    const auto& eng = rt.engine();
+                    const auto bytes = static_cast<std::size_t>(d.rows * d.cols) * sizeof(T);
+                    T* gate = static_cast<T*>(rt.scratch(3, bytes));
+                    T* hidden = static_cast<T*>(rt.scratch(4, bytes));
+                    T* grad = static_cast<T*>(rt.scratch(5, bytes));
+                    auto& st = rt.stream();
+                    const auto flat = [&](const T* p) { return onednn::detail::wrap(e->flat, eng, p); };
+                    e->gather.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x + d.cols)},
+                                           {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, gate)}});
+                    e->gather.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x)},
+                                           {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, hidden)}});
+                    // d hidden = dy gelu(gate), into dx's first half.
+                    e->gelu.execute(st, {{DNNL_ARG_SRC, flat(gate)}, {DNNL_ARG_DST, flat(grad)}});
+                    e->multiply.execute(st, {{DNNL_ARG_SRC_0, flat(grad)}, {DNNL_ARG_SRC_1, flat(dy)}, {DNNL_ARG_DST, flat(grad)}});
+                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->dense, eng, grad)},
+                                            {DNNL_ARG_TO, onednn::detail::wrap(e->half, eng, dx)}});
+                    // d gate = gelu'(gate) (dy hidden), into the second half.
+                    e->multiply.execute(st, {{DNNL_ARG_SRC_0, flat(hidden)}, {DNNL_ARG_SRC_1, flat(dy)}, {DNNL_ARG_DST, flat(hidden)}});
+                    e->gelu_grad.execute(st, {{DNNL_ARG_SRC, flat(gate)}, {DNNL_ARG_DIFF_DST, flat(hidden)}, {DNNL_ARG_DIFF_SRC, flat(grad)}});
+                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->dense, eng, grad)},
+                                            {DNNL_ARG_TO, onednn::detail::wrap(e->half, eng, dx + d.cols)}});
+                    st.wait();
+                    return;
+                }
+            }
+        }
         auto ref = ctx.reference();
         cpu_backend::geglu_backward(ref, d, x, dy, dx);
     }
