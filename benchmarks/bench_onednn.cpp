@@ -3,16 +3,16 @@
 // dominant operations and whole modules (random weights), in f32 and bf16.
 //
 //   dynamicid_bench_onednn                                  # everything (about 15 minutes on 2 cores)
-//   dynamicid_bench_onednn --benchmark_filter=kernels       # gemm, conv and attention only (a minute)
+//   dynamicid_bench_onednn --benchmark_filter=kernels       # the kernel rows only (a few minutes)
 //   dynamicid_bench_onednn --benchmark_filter='unet_sd15/512' --pytorch=off
 //   dynamicid_bench_onednn --threads=2 --pytorch=saved.txt  # PyTorch figures from an earlier run
 //
 // Rows:
 //   kernels/gemm|conv/<shape>/<type>/<backend>    SD1.5's largest matmuls and convolutions at 512 x 512
 //   kernels/attention/<shape>/<type>/composed|blocked
-//   kernels/layer_norm_backward|geglu_backward/<shape>/<type>/<backend>   training ops
 //                                                 the oneDNN backend's attention: gemm + softmax + gemm
 //                                                 over the whole score matrix, or its blocked path
+//   kernels/layer_norm_backward|geglu_backward/<shape>/<type>/<backend>   training ops
 //   unet_sd15/<image>/<type>/<backend>            one UNet evaluation, batch 2 (classifier-free
 //                                                 guidance), 77 tokens, at 256 and 512; backend
 //                                                 onednn_wcache: with context::weight_cache_bytes
@@ -245,7 +245,15 @@ void bm_layer_norm_backward(benchmark::State& state, layer_norm_case c) {
     const auto beta = random_tensor<B, T>(ctx, {c.cols}, 11);
     const auto dy = random_tensor<B, T>(ctx, {c.rows, c.cols}, 12);
     const auto saved = dynamicid::ops::layer_norm_forward(ctx, x, &gamma, &beta).second;
-    auto run = [&] { benchmark::DoNotOptimize(dynamicid::ops::layer_norm_backward(ctx, saved, dy)); };
+    // Outputs allocated once, outside the timing (the backends allocate differently).
+    auto dx = dynamicid::tensor<B, T>::empty(ctx, {c.rows, c.cols});
+    auto dgamma = dynamicid::tensor<B, T>::empty(ctx, {c.cols});
+    auto dbeta = dynamicid::tensor<B, T>::empty(ctx, {c.cols});
+    const dynamicid::layer_norm_desc d{.rows = c.rows, .cols = c.cols};
+    auto run = [&] {
+        B::layer_norm_backward(ctx, d, x.data(), gamma.data(), saved.mean.data(), saved.rstd.data(), dy.data(), dx.data(), dgamma.data(),
+                               dbeta.data());
+    };
     run();
     const double s = run_timed(state, run);
     report(state, std::string("kernels/layer_norm_backward/") + c.name, type_name<T>(), backend_name<B>(), 8.0 * double(c.rows * c.cols), s);
@@ -258,8 +266,9 @@ void bm_geglu_backward(benchmark::State& state, layer_norm_case c) {
     typename B::context ctx{.threads = threads()};
     const auto x = random_tensor<B, T>(ctx, {c.rows, 2 * c.cols}, 13);
     const auto dy = random_tensor<B, T>(ctx, {c.rows, c.cols}, 14);
-    const auto saved = dynamicid::ops::geglu_forward(ctx, x).second;
-    auto run = [&] { benchmark::DoNotOptimize(dynamicid::ops::geglu_backward(ctx, saved, dy)); };
+    auto dx = dynamicid::tensor<B, T>::empty(ctx, {c.rows, 2 * c.cols});
+    const dynamicid::geglu_desc d{.rows = c.rows, .cols = c.cols};
+    auto run = [&] { B::geglu_backward(ctx, d, x.data(), dy.data(), dx.data()); };
     run();
     const double s = run_timed(state, run);
     report(state, std::string("kernels/geglu_backward/") + c.name, type_name<T>(), backend_name<B>(), 20.0 * double(c.rows * c.cols), s);

@@ -104,7 +104,7 @@ void check_native_mix(double tol) {
     compare_with_reference<T>(ctx, "group_norm" + t, {{2, 32, 5, 5}, {32}, {32}}, tol,
                               [](auto& c, const auto& in) { return ops::group_norm(c, in[0], 8, &in[1], &in[2]); }, 131);
     compare_with_reference<T>(ctx, "geglu" + t, {{3, 70, 2 * 48}}, tol, [](auto& c, const auto& in) { return ops::geglu(c, in[0]); }, 151);
-    compare_with_reference<T>(ctx, "geglu forward and backward" + t, {{3, 70, 2 * 48}, {3, 70, 48}}, tol,
+    compare_with_reference<T>(ctx, "geglu forward and backward" + t, {{3, 70, 2 * 37}, {3, 70, 37}}, tol,
                               [](auto& c, const auto& in) {
                                   const auto [y, saved] = ops::geglu_forward(c, in[0]);
                                   return ops::concat(c, std::vector{y.reshape({-1}), ops::geglu_backward(c, saved, in[1]).reshape({-1})}, 0);
@@ -119,6 +119,18 @@ void check_native_mix(double tol) {
                                   return ops::concat(c, std::vector{y.reshape({-1}), g.input.reshape({-1}), g.gamma, g.beta}, 0);
                               },
                               141);
+    compare_with_reference<T>(ctx, "layer_norm backward, 37 columns, input gradient only" + t, {{9, 37}, {37}, {37}, {9, 37}}, tol,
+                              [](auto& c, const auto& in) {
+                                  const auto saved = ops::layer_norm_forward(c, in[0], &in[1], &in[2]).second;
+                                  return ops::layer_norm_backward(c, saved, in[3], {.input = true, .params = false}).input;
+                              },
+                              147);
+    compare_with_reference<T>(ctx, "layer_norm backward without affine" + t, {{9, 37}, {9, 37}}, tol,
+                              [](auto& c, const auto& in) {
+                                  const auto saved = ops::layer_norm_forward(c, in[0], nullptr, nullptr).second;
+                                  return ops::layer_norm_backward(c, saved, in[1]).input;
+                              },
+                              149);
     INFO("primitive configurations oneDNN could not plan: " << ctx.runtime().unsupported());
     CHECK(ctx.runtime().unsupported() == 0);
 }

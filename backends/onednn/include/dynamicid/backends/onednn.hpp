@@ -350,8 +350,11 @@ struct onednn_backend {
             // oneDNN computes the input gradient with the affine gradients; a
             // call without dx, or with only one of dgamma/dbeta, uses the reference.
             // Scale and the affine gradients are f32 operands: bf16 converts them.
-            const bool params = dgamma || dbeta;
-            if (dx && d.rows > 0 && d.cols > 0 && (!params || (dgamma && dbeta && gamma))) {
+            // With gamma but no affine gradients asked for, oneDNN 2.6 plans only
+            // the full backward: its affine gradients go to scratch.
+            const bool wanted = dgamma || dbeta;
+            const bool params = wanted || gamma;
+            if (dx && d.rows > 0 && d.cols > 0 && (!wanted || (dgamma && dbeta && gamma))) {
                 auto& rt = ctx.runtime();
                 const int threads = ctx.thread_count();
                 onednn::detail::thread_scope scope(threads);
@@ -418,7 +421,7 @@ struct onednn_backend {
                     e->primitive.execute(rt.stream(), args);
                     rt.stream().wait();
                     if constexpr (!std::is_same_v<T, float>) {
-                        if (params) {
+                        if (wanted) {
                             for (std::size_t i = 0; i < cols; ++i) dgamma[i] = static_cast<T>(dscale[i]);
                             if (dbeta)
                                 for (std::size_t i = 0; i < cols; ++i) dbeta[i] = static_cast<T>(dshift[i]);
@@ -693,9 +696,11 @@ public:
         cpu_backend::geglu_forward(ref, d, x, y);
     }
     /// d hidden = dy gelu(gate), d gate = gelu'(gate) (dy hidden): the halves
-    /// gathered to dense operands, GELU forward, oneDNN's GELU backward with
-    /// diff_dst = dy hidden, two multiplies, and the two gradients scattered
-    /// back into dx's halves.
+    /// gathered to two dense buffers, oneDNN's GELU backward with
+    /// diff_dst = dy hidden, GELU forward, two multiplies (all in place), and
+    /// the two gradients scattered back into dx's halves. In bf16, gelu(gate)
+    /// and dy hidden are rounded to bf16 before their last product (the
+    /// reference rounds once).
     template <class T>
     static void geglu_backward(context& ctx, const geglu_desc& d, const T* x, const T* dy, T* dx) {
         if constexpr (native<T>) {
@@ -737,23 +742,22 @@ public:
                     const auto bytes = static_cast<std::size_t>(d.rows * d.cols) * sizeof(T);
                     T* gate = static_cast<T*>(rt.scratch(3, bytes));
                     T* hidden = static_cast<T*>(rt.scratch(4, bytes));
-                    T* grad = static_cast<T*>(rt.scratch(5, bytes));
                     auto& st = rt.stream();
                     const auto flat = [&](const T* p) { return onednn::detail::wrap(e->flat, eng, p); };
                     e->gather.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x + d.cols)},
                                            {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, gate)}});
                     e->gather.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x)},
                                            {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, hidden)}});
-                    // d hidden = dy gelu(gate), into dx's first half.
-                    e->gelu.execute(st, {{DNNL_ARG_SRC, flat(gate)}, {DNNL_ARG_DST, flat(grad)}});
-                    e->multiply.execute(st, {{DNNL_ARG_SRC_0, flat(grad)}, {DNNL_ARG_SRC_1, flat(dy)}, {DNNL_ARG_DST, flat(grad)}});
-                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->dense, eng, grad)},
-                                            {DNNL_ARG_TO, onednn::detail::wrap(e->half, eng, dx)}});
-                    // d gate = gelu'(gate) (dy hidden), into the second half.
+                    // d gate = gelu'(gate) (dy hidden), in place in `hidden`, into dx's second half.
                     e->multiply.execute(st, {{DNNL_ARG_SRC_0, flat(hidden)}, {DNNL_ARG_SRC_1, flat(dy)}, {DNNL_ARG_DST, flat(hidden)}});
-                    e->gelu_grad.execute(st, {{DNNL_ARG_SRC, flat(gate)}, {DNNL_ARG_DIFF_DST, flat(hidden)}, {DNNL_ARG_DIFF_SRC, flat(grad)}});
-                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->dense, eng, grad)},
+                    e->gelu_grad.execute(st, {{DNNL_ARG_SRC, flat(gate)}, {DNNL_ARG_DIFF_DST, flat(hidden)}, {DNNL_ARG_DIFF_SRC, flat(hidden)}});
+                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->dense, eng, hidden)},
                                             {DNNL_ARG_TO, onednn::detail::wrap(e->half, eng, dx + d.cols)}});
+                    // d hidden = dy gelu(gate), in place in `gate`, into the first half.
+                    e->gelu.execute(st, {{DNNL_ARG_SRC, flat(gate)}, {DNNL_ARG_DST, flat(gate)}});
+                    e->multiply.execute(st, {{DNNL_ARG_SRC_0, flat(gate)}, {DNNL_ARG_SRC_1, flat(dy)}, {DNNL_ARG_DST, flat(gate)}});
+                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->dense, eng, gate)},
+                                            {DNNL_ARG_TO, onednn::detail::wrap(e->half, eng, dx)}});
                     st.wait();
                     return;
                 }
