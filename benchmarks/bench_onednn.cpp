@@ -226,11 +226,11 @@ void bm_attention(benchmark::State& state, attention_case a) {
     report(state, std::string("kernels/attention/") + a.name, type_name<T>(), Blocked ? "blocked" : "composed", 2.0 * macs, s);
 }
 
-struct layer_norm_case {
+struct rows_cols_case {
     const char* name;
     index_t rows, cols;
 };
-constexpr layer_norm_case layer_norm_cases[] = {
+constexpr rows_cols_case layer_norm_cases[] = {
     {"8192x320", 8192, 320},  // level 0 of a 512 UNet, batch 2
     {"2048x640", 2048, 640},  // level 1
 };
@@ -238,7 +238,7 @@ constexpr layer_norm_case layer_norm_cases[] = {
 // The layer norm's backward (input and affine gradients), a training op. It is
 // memory-bound; GFLOP/s counts 8 floating-point operations per element.
 template <class B, class T>
-void bm_layer_norm_backward(benchmark::State& state, layer_norm_case c) {
+void bm_layer_norm_backward(benchmark::State& state, rows_cols_case c) {
     typename B::context ctx{.threads = threads()};
     const auto x = random_tensor<B, T>(ctx, {c.rows, c.cols}, 9);
     const auto gamma = random_tensor<B, T>(ctx, {c.cols}, 10);
@@ -262,7 +262,7 @@ void bm_layer_norm_backward(benchmark::State& state, layer_norm_case c) {
 // The GEGLU's backward (the feed-forward's gate), a training op: rows x cols
 // outputs from rows x 2 cols inputs. GFLOP/s counts 20 operations per output.
 template <class B, class T>
-void bm_geglu_backward(benchmark::State& state, layer_norm_case c) {
+void bm_geglu_backward(benchmark::State& state, rows_cols_case c) {
     typename B::context ctx{.threads = threads()};
     const auto x = random_tensor<B, T>(ctx, {c.rows, 2 * c.cols}, 13);
     const auto dy = random_tensor<B, T>(ctx, {c.rows, c.cols}, 14);
@@ -419,7 +419,7 @@ void register_kernels() {
         register_kernel("kernels/attention/" + std::string(a.name) + t + "/composed", bm_attention<T, false>, a);
         register_kernel("kernels/attention/" + std::string(a.name) + t + "/blocked", bm_attention<T, true>, a);
     }
-    for (const auto& c : {layer_norm_case{"8192x1280", 8192, 1280}}) {  // level 0's feed-forward at 512, batch 2
+    for (const auto& c : {rows_cols_case{"8192x1280", 8192, 1280}}) {  // level 0's feed-forward at 512, batch 2
         register_kernel("kernels/geglu_backward/" + std::string(c.name) + t + "/reference", bm_geglu_backward<cpu_backend, T>, c);
         register_kernel("kernels/geglu_backward/" + std::string(c.name) + t + "/onednn", bm_geglu_backward<onednn_backend, T>, c);
     }

@@ -58,6 +58,7 @@
 #include <span>
 #include <stop_token>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -378,22 +379,22 @@ private:
         const std::vector<float> tf{static_cast<float>(t)};
         const auto eps = sd_->unet.forward_train(ctx, tp, x, std::span<const float>(tf), c, &hooks_,
                                                  {.checkpoint_blocks = cfg_.activation_checkpointing});
-        double value = 0;
-        tensor_type d_eps;
+        // mse_loss, or weighted_mse_loss with the face's map (an undefined weight is plain MSE).
+        tensor_type weight;
         if (cfg_.face_loss_weight != 1.0 && !s.landmarks.empty()) {
             const index_t h = eps.value.dim(2), w = eps.value.dim(3);
             const auto map = face_loss_map(s.landmarks, cfg_.landmark_frame, file_size.first, file_size.second, h, w, cfg_.face_loss_weight,
                                            cfg_.face_box_grow);
             std::vector<T> mt(map.size());
             std::transform(map.begin(), map.end(), mt.begin(), [](float v) { return static_cast<T>(v); });
-            auto [loss, saved] = weighted_mse_loss_forward(ctx, eps.value, noise, tensor_type::from_host(ctx, {1, 1, h, w}, mt));
-            value = static_cast<double>(loss.to_host(ctx)[0]);
-            d_eps = ops::scale(ctx, weighted_mse_loss_backward(ctx, saved).prediction, 1.0 / static_cast<double>(cfg_.batch));
-        } else {
-            auto [loss, saved] = mse_loss_forward(ctx, eps.value, noise);
-            value = static_cast<double>(loss.to_host(ctx)[0]);
-            d_eps = ops::scale(ctx, mse_loss_backward(ctx, saved).prediction, 1.0 / static_cast<double>(cfg_.batch));
+            weight = tensor_type::from_host(ctx, {1, 1, h, w}, mt);
         }
+        const std::string_view loss_name = weight.defined() ? "weighted_mse_loss" : "mse_loss";
+        auto [loss, diff] = detail::weighted_mean_square(ctx, loss_name, eps.value, noise, weight);
+        const double value = static_cast<double>(loss.to_host(ctx)[0]);
+        const auto one = tensor_type::full(ctx, {1}, element_cast<T>(1.0));
+        const auto d_eps = ops::scale(ctx, detail::weighted_mean_square_backward(ctx, loss_name, diff, weight, one, {}).prediction,
+                                      1.0 / static_cast<double>(cfg_.batch));
         tp.backward(ctx, eps, d_eps);
         const auto& d_states = tp.gradient(c);
         if (d_states.defined()) {

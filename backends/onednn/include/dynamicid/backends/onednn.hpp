@@ -4,15 +4,14 @@
 // primitives run by oneDNN: matmul (batched, strided, alpha as an output scale,
 // beta as a sum post-op), convolution forward and both backwards in the memory
 // formats oneDNN picks (blocked activations and weights, reordered in and out
-// per call), layer norm, eltwise activations, softmax, broadcasting binary ops,
-// reductions, strided copies (reorders), nearest resampling, and a blocked
-// attention (the has_fused_attention capability) built on them. f32 and bf16
-// (bf16 storage, f32 accumulation, avx512_bf16 kernels where the CPU has them)
-// compute natively. Everything else, and f64 and f16 entirely, runs on the
-// reference backend's code with the same thread count: geglu and bf16 layer
-// norm backward, group-norm backward, binary and reduce backward, axpby,
-// conversion and random numbers, and any configuration for which oneDNN
-// reports no implementation.
+// per call), layer norm, eltwise activations, GEGLU, softmax, broadcasting
+// binary ops, reductions, strided copies (reorders), nearest resampling, and a
+// blocked attention (the has_fused_attention capability) built on them. f32
+// and bf16 (bf16 storage, f32 accumulation, avx512_bf16 kernels where the CPU
+// has them) compute natively. Everything else, and f64 and f16 entirely, runs
+// on the reference backend's code with the same thread count: group-norm
+// backward, binary and reduce backward, axpby, conversion and random numbers,
+// and any configuration for which oneDNN reports no implementation.
 //
 //     #include <dynamicid/backends/onednn.hpp>
 //     dynamicid::onednn_backend::context ctx{.threads = 2};
@@ -319,17 +318,8 @@ struct onednn_backend {
                                                                {DNNL_ARG_MEAN, onednn::detail::wrap(e->pd.mean_desc(), eng, m)},
                                                                {DNNL_ARG_VARIANCE, onednn::detail::wrap(e->pd.variance_desc(), eng, var)}};
                     const dnnl::memory::desc affine({d.cols}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::a);
-                    auto as_f32 = [&](const T* p, std::size_t slot) -> const float* {
-                        if constexpr (std::is_same_v<T, float>) {
-                            return p;
-                        } else {
-                            auto* f = static_cast<float*>(rt.scratch(slot, static_cast<std::size_t>(d.cols) * sizeof(float)));
-                            for (index_t i = 0; i < d.cols; ++i) f[i] = static_cast<float>(p[i]);
-                            return f;
-                        }
-                    };
-                    if (gamma) args.emplace(DNNL_ARG_SCALE, onednn::detail::wrap(affine, eng, as_f32(gamma, 4)));
-                    if (beta) args.emplace(DNNL_ARG_SHIFT, onednn::detail::wrap(affine, eng, as_f32(beta, 5)));
+                    if (gamma) args.emplace(DNNL_ARG_SCALE, onednn::detail::wrap(affine, eng, f32_operand(rt, gamma, d.cols, 4)));
+                    if (beta) args.emplace(DNNL_ARG_SHIFT, onednn::detail::wrap(affine, eng, f32_operand(rt, beta, d.cols, 5)));
                     e->primitive.execute(rt.stream(), args);
                     rt.stream().wait();
                     if (rstd)
@@ -381,7 +371,7 @@ struct onednn_backend {
                         const double inv = static_cast<double>(rstd[r]);
                         var[r] = static_cast<float>(1.0 / (inv * inv) - d.eps);
                     }
-                    // An f32 view of a T vector of cols values: the vector itself, or a scratch slot.
+                    // Where oneDNN writes an f32 affine gradient: the caller's f32 vector, or a scratch slot.
                     auto f32_slot = [&](T* p, std::size_t slot) -> float* {
                         if constexpr (std::is_same_v<T, float>) {
                             if (p) return p;
@@ -394,17 +384,7 @@ struct onednn_backend {
                                                                {DNNL_ARG_MEAN, onednn::detail::wrap(e->pd.mean_desc(), eng, mean)},
                                                                {DNNL_ARG_VARIANCE, onednn::detail::wrap(e->pd.variance_desc(), eng, var)},
                                                                {DNNL_ARG_DIFF_SRC, onednn::detail::wrap(e->pd.diff_src_desc(), eng, dx)}};
-                    if (gamma) {
-                        const float* g = nullptr;
-                        if constexpr (std::is_same_v<T, float>) {
-                            g = gamma;
-                        } else {
-                            float* f = f32_slot(nullptr, 4);
-                            for (std::size_t i = 0; i < cols; ++i) f[i] = static_cast<float>(gamma[i]);
-                            g = f;
-                        }
-                        args.emplace(DNNL_ARG_SCALE, onednn::detail::wrap(affine, eng, g));
-                    }
+                    if (gamma) args.emplace(DNNL_ARG_SCALE, onednn::detail::wrap(affine, eng, f32_operand(rt, gamma, d.cols, 4)));
                     float* dscale = nullptr;
                     float* dshift = nullptr;
                     if (params) {
@@ -659,33 +639,27 @@ public:
                 onednn::detail::key k("geglu_fwd");
                 k << onednn::detail::data_type_of<T>() << threads << d.rows << d.cols;
                 struct entry {
-                    dnnl::memory::desc half, dense, flat;
-                    dnnl::reorder gather;
+                    geglu_layout layout;
                     dnnl::eltwise_forward gelu;
                     dnnl::binary multiply;
                 };
                 auto* e = rt.template lookup<entry>(k, [&] {
-                    const auto dt = onednn::detail::data_type_of<T>();
-                    const dnnl::memory::desc half({d.rows, d.cols}, dt, dnnl::memory::dims{2 * d.cols, 1});
-                    const dnnl::memory::desc dense({d.rows, d.cols}, dt, tag::ab);
-                    const dnnl::memory::desc flat({d.rows * d.cols}, dt, tag::a);  // the jit kernels take it, not (rows, cols)
+                    auto layout = geglu_layout::of<T>(rt, d);
                     const dnnl::eltwise_forward::primitive_desc gelu(
-                        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::eltwise_gelu_erf, flat, 0.0f, 0.0f),
+                        dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::eltwise_gelu_erf, layout.flat, 0.0f,
+                                                    0.0f),
                         rt.engine());
-                    const dnnl::binary::primitive_desc multiply(dnnl::binary::desc(dnnl::algorithm::binary_mul, flat, flat, flat), rt.engine());
-                    return entry{half, dense, flat, dnnl::reorder(dnnl::reorder::primitive_desc(rt.engine(), half, rt.engine(), dense)),
-                                 dnnl::eltwise_forward(gelu), dnnl::binary(multiply)};
+                    const dnnl::binary::primitive_desc multiply(
+                        dnnl::binary::desc(dnnl::algorithm::binary_mul, layout.flat, layout.flat, layout.flat), rt.engine());
+                    return entry{std::move(layout), dnnl::eltwise_forward(gelu), dnnl::binary(multiply)};
                 });
                 if (e) {
                     const auto& eng = rt.engine();
                     T* hidden = static_cast<T*>(rt.scratch(3, static_cast<std::size_t>(d.rows * d.cols) * sizeof(T)));
-                    e->gather.execute(rt.stream(), {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x + d.cols)},
-                                                    {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, y)}});
-                    e->gather.execute(rt.stream(), {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x)},
-                                                    {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, hidden)}});
-                    const auto out = onednn::detail::wrap(e->flat, eng, y);
+                    e->layout.gather(rt, d, x, hidden, y);
+                    const auto out = onednn::detail::wrap(e->layout.flat, eng, y);
                     e->gelu.execute(rt.stream(), {{DNNL_ARG_SRC, out}, {DNNL_ARG_DST, out}});
-                    e->multiply.execute(rt.stream(), {{DNNL_ARG_SRC_0, out}, {DNNL_ARG_SRC_1, onednn::detail::wrap(e->flat, eng, hidden)},
+                    e->multiply.execute(rt.stream(), {{DNNL_ARG_SRC_0, out}, {DNNL_ARG_SRC_1, onednn::detail::wrap(e->layout.flat, eng, hidden)},
                                                       {DNNL_ARG_DST, out}});
                     rt.stream().wait();
                     return;
@@ -711,30 +685,23 @@ public:
                 onednn::detail::key k("geglu_bwd");
                 k << onednn::detail::data_type_of<T>() << threads << d.rows << d.cols;
                 struct entry {
-                    dnnl::memory::desc half, dense, flat;
-                    dnnl::reorder gather, scatter;
+                    geglu_layout layout;
+                    dnnl::reorder scatter;
                     dnnl::eltwise_forward gelu;
                     dnnl::eltwise_backward gelu_grad;
                     dnnl::binary multiply;
                 };
                 auto* e = rt.template lookup<entry>(k, [&] {
-                    const auto dt = onednn::detail::data_type_of<T>();
-                    const dnnl::memory::desc half({d.rows, d.cols}, dt, dnnl::memory::dims{2 * d.cols, 1});
-                    const dnnl::memory::desc dense({d.rows, d.cols}, dt, tag::ab);
-                    const dnnl::memory::desc flat({d.rows * d.cols}, dt, tag::a);
+                    auto layout = geglu_layout::of<T>(rt, d);
+                    const auto& flat = layout.flat;
                     const dnnl::eltwise_forward::primitive_desc gelu(
                         dnnl::eltwise_forward::desc(dnnl::prop_kind::forward_training, dnnl::algorithm::eltwise_gelu_erf, flat, 0.0f, 0.0f),
                         rt.engine());
                     const dnnl::eltwise_backward::primitive_desc gelu_grad(
                         dnnl::eltwise_backward::desc(dnnl::algorithm::eltwise_gelu_erf, flat, flat, 0.0f, 0.0f), rt.engine(), gelu);
                     const dnnl::binary::primitive_desc multiply(dnnl::binary::desc(dnnl::algorithm::binary_mul, flat, flat, flat), rt.engine());
-                    return entry{half,
-                                 dense,
-                                 flat,
-                                 dnnl::reorder(dnnl::reorder::primitive_desc(rt.engine(), half, rt.engine(), dense)),
-                                 dnnl::reorder(dnnl::reorder::primitive_desc(rt.engine(), dense, rt.engine(), half)),
-                                 dnnl::eltwise_forward(gelu),
-                                 dnnl::eltwise_backward(gelu_grad),
+                    auto scatter = dnnl::reorder(dnnl::reorder::primitive_desc(rt.engine(), layout.dense, rt.engine(), layout.half));
+                    return entry{std::move(layout), std::move(scatter), dnnl::eltwise_forward(gelu), dnnl::eltwise_backward(gelu_grad),
                                  dnnl::binary(multiply)};
                 });
                 if (e) {
@@ -743,21 +710,18 @@ public:
                     T* gate = static_cast<T*>(rt.scratch(3, bytes));
                     T* hidden = static_cast<T*>(rt.scratch(4, bytes));
                     auto& st = rt.stream();
-                    const auto flat = [&](const T* p) { return onednn::detail::wrap(e->flat, eng, p); };
-                    e->gather.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x + d.cols)},
-                                           {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, gate)}});
-                    e->gather.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->half, eng, x)},
-                                           {DNNL_ARG_TO, onednn::detail::wrap(e->dense, eng, hidden)}});
+                    const auto flat = [&](const T* p) { return onednn::detail::wrap(e->layout.flat, eng, p); };
+                    e->layout.gather(rt, d, x, hidden, gate);
                     // d gate = gelu'(gate) (dy hidden), in place in `hidden`, into dx's second half.
                     e->multiply.execute(st, {{DNNL_ARG_SRC_0, flat(hidden)}, {DNNL_ARG_SRC_1, flat(dy)}, {DNNL_ARG_DST, flat(hidden)}});
                     e->gelu_grad.execute(st, {{DNNL_ARG_SRC, flat(gate)}, {DNNL_ARG_DIFF_DST, flat(hidden)}, {DNNL_ARG_DIFF_SRC, flat(hidden)}});
-                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->dense, eng, hidden)},
-                                            {DNNL_ARG_TO, onednn::detail::wrap(e->half, eng, dx + d.cols)}});
+                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->layout.dense, eng, hidden)},
+                                            {DNNL_ARG_TO, onednn::detail::wrap(e->layout.half, eng, dx + d.cols)}});
                     // d hidden = dy gelu(gate), in place in `gate`, into the first half.
                     e->gelu.execute(st, {{DNNL_ARG_SRC, flat(gate)}, {DNNL_ARG_DST, flat(gate)}});
                     e->multiply.execute(st, {{DNNL_ARG_SRC_0, flat(gate)}, {DNNL_ARG_SRC_1, flat(dy)}, {DNNL_ARG_DST, flat(gate)}});
-                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->dense, eng, gate)},
-                                            {DNNL_ARG_TO, onednn::detail::wrap(e->half, eng, dx)}});
+                    e->scatter.execute(st, {{DNNL_ARG_FROM, onednn::detail::wrap(e->layout.dense, eng, gate)},
+                                            {DNNL_ARG_TO, onednn::detail::wrap(e->layout.half, eng, dx)}});
                     st.wait();
                     return;
                 }
@@ -1198,6 +1162,46 @@ private:
     }
 
     // ---- other primitive descriptors ------------------------------------------------------
+
+    // n values of T as the f32 operand oneDNN 2.6 wants for a norm's scale or
+    // shift: the values themselves in f32, else converted into scratch slot `slot`.
+    template <class T>
+    static const float* f32_operand(onednn::detail::runtime& rt, const T* p, index_t n, std::size_t slot) {
+        if constexpr (std::is_same_v<T, float>) {
+            return p;
+        } else {
+            auto* f = static_cast<float*>(rt.scratch(slot, static_cast<std::size_t>(n) * sizeof(float)));
+            for (index_t i = 0; i < n; ++i) f[i] = static_cast<float>(p[i]);
+            return f;
+        }
+    }
+
+    // GEGLU's operands: each half of a (rows, 2 cols) input as a strided
+    // (rows, cols) view, its dense copy, the same values as one flat vector
+    // (the jit eltwise and binary kernels take it, not (rows, cols)), and the
+    // reorder that gathers a half into a dense buffer.
+    struct geglu_layout {
+        dnnl::memory::desc half, dense, flat;
+        dnnl::reorder gather_half;
+
+        template <class T>
+        static geglu_layout of(onednn::detail::runtime& rt, const geglu_desc& d) {
+            const auto dt = onednn::detail::data_type_of<T>();
+            const dnnl::memory::desc half({d.rows, d.cols}, dt, dnnl::memory::dims{2 * d.cols, 1});
+            const dnnl::memory::desc dense({d.rows, d.cols}, dt, tag::ab);
+            return {half, dense, dnnl::memory::desc({d.rows * d.cols}, dt, tag::a),
+                    dnnl::reorder(dnnl::reorder::primitive_desc(rt.engine(), half, rt.engine(), dense))};
+        }
+        // x's first half (hidden) and second half (gate) into dense buffers.
+        template <class T>
+        void gather(onednn::detail::runtime& rt, const geglu_desc& d, const T* x, T* hidden, T* gate) const {
+            const auto& eng = rt.engine();
+            gather_half.execute(rt.stream(), {{DNNL_ARG_FROM, onednn::detail::wrap(half, eng, x + d.cols)},
+                                              {DNNL_ARG_TO, onednn::detail::wrap(dense, eng, gate)}});
+            gather_half.execute(rt.stream(), {{DNNL_ARG_FROM, onednn::detail::wrap(half, eng, x)},
+                                              {DNNL_ARG_TO, onednn::detail::wrap(dense, eng, hidden)}});
+        }
+    };
 
     static dnnl::normalization_flags norm_flags(bool scale, bool shift) {
         auto f = dnnl::normalization_flags::none;
