@@ -12,7 +12,8 @@
 //   kernels/attention/<shape>/<type>/composed|blocked
 //                                                 the oneDNN backend's attention: gemm + softmax + gemm
 //                                                 over the whole score matrix, or its blocked path
-//   kernels/layer_norm_backward|geglu_backward/<shape>/<type>/<backend>   training ops
+//   kernels/layer_norm_backward|geglu_backward|group_norm_backward/<shape>/<type>/<backend>
+//                                                 training ops
 //   unet_sd15/<image>/<type>/<backend>            one UNet evaluation, batch 2 (classifier-free
 //                                                 guidance), 77 tokens, at 256 and 512; backend
 //                                                 onednn_wcache: with context::weight_cache_bytes
@@ -274,6 +275,39 @@ void bm_geglu_backward(benchmark::State& state, rows_cols_case c) {
     report(state, std::string("kernels/geglu_backward/") + c.name, type_name<T>(), backend_name<B>(), 20.0 * double(c.rows * c.cols), s);
 }
 
+struct group_norm_case {
+    const char* name;
+    index_t n, c, side;
+};
+constexpr group_norm_case group_norm_cases[] = {
+    {"2x320x64x64", 2, 320, 64},  // a resnet's norm at level 0 of a 512 UNet, batch 2
+    {"2x640x32x32", 2, 640, 32},  // level 1
+};
+
+// The group norm's backward (input and affine gradients, 32 groups), a
+// training op. Memory-bound; GFLOP/s counts 8 operations per element.
+template <class B, class T>
+void bm_group_norm_backward(benchmark::State& state, group_norm_case c) {
+    typename B::context ctx{.threads = threads()};
+    const dynamicid::shape s{c.n, c.c, c.side, c.side};
+    const auto x = random_tensor<B, T>(ctx, s, 15);
+    const auto gamma = random_tensor<B, T>(ctx, {c.c}, 16);
+    const auto beta = random_tensor<B, T>(ctx, {c.c}, 17);
+    const auto dy = random_tensor<B, T>(ctx, s, 18);
+    const auto saved = dynamicid::ops::group_norm_forward(ctx, x, 32, &gamma, &beta).second;
+    auto dx = dynamicid::tensor<B, T>::empty(ctx, s);
+    auto dgamma = dynamicid::tensor<B, T>::empty(ctx, {c.c});
+    auto dbeta = dynamicid::tensor<B, T>::empty(ctx, {c.c});
+    const dynamicid::group_norm_desc d{.n = c.n, .c = c.c, .spatial = c.side * c.side, .groups = 32};
+    auto run = [&] {
+        B::group_norm_backward(ctx, d, x.data(), gamma.data(), saved.mean.data(), saved.rstd.data(), dy.data(), dx.data(), dgamma.data(),
+                               dbeta.data());
+    };
+    run();
+    const double t = run_timed(state, run);
+    report(state, std::string("kernels/group_norm_backward/") + c.name, type_name<T>(), backend_name<B>(), 8.0 * double(s.numel()), t);
+}
+
 // ---- modules ----------------------------------------------------------------------------
 
 // Loads a module of type M<B, T> with random weights (one source per config,
@@ -422,6 +456,10 @@ void register_kernels() {
     for (const auto& c : {rows_cols_case{"8192x1280", 8192, 1280}}) {  // level 0's feed-forward at 512, batch 2
         register_kernel("kernels/geglu_backward/" + std::string(c.name) + t + "/reference", bm_geglu_backward<cpu_backend, T>, c);
         register_kernel("kernels/geglu_backward/" + std::string(c.name) + t + "/onednn", bm_geglu_backward<onednn_backend, T>, c);
+    }
+    for (const auto& c : group_norm_cases) {
+        register_kernel("kernels/group_norm_backward/" + std::string(c.name) + t + "/reference", bm_group_norm_backward<cpu_backend, T>, c);
+        register_kernel("kernels/group_norm_backward/" + std::string(c.name) + t + "/onednn", bm_group_norm_backward<onednn_backend, T>, c);
     }
     for (const auto& c : layer_norm_cases) {
         register_kernel("kernels/layer_norm_backward/" + std::string(c.name) + t + "/reference", bm_layer_norm_backward<cpu_backend, T>, c);

@@ -103,6 +103,27 @@ void check_native_mix(double tol) {
                               121);
     compare_with_reference<T>(ctx, "group_norm" + t, {{2, 32, 5, 5}, {32}, {32}}, tol,
                               [](auto& c, const auto& in) { return ops::group_norm(c, in[0], 8, &in[1], &in[2]); }, 131);
+    compare_with_reference<T>(ctx, "group_norm forward and backward" + t, {{2, 32, 5, 5}, {32}, {32}, {2, 32, 5, 5}}, tol,
+                              [](auto& c, const auto& in) {
+                                  const auto [y, saved] = ops::group_norm_forward(c, in[0], 8, &in[1], &in[2]);
+                                  const auto g = ops::group_norm_backward(c, saved, in[3]);
+                                  return ops::concat(c, std::vector{y.reshape({-1}), g.input.reshape({-1}), g.gamma, g.beta}, 0);
+                              },
+                              133);
+    compare_with_reference<T>(ctx, "group_norm backward, 37 positions, input gradient only" + t, {{3, 12, 37}, {12}, {12}, {3, 12, 37}},
+                              tol,
+                              [](auto& c, const auto& in) {
+                                  const auto saved = ops::group_norm_forward(c, in[0], 4, &in[1], &in[2]).second;
+                                  return ops::group_norm_backward(c, saved, in[3], {.input = true, .params = false}).input;
+                              },
+                              135);
+    compare_with_reference<T>(ctx, "group_norm backward without affine, affine gradients only" + t, {{2, 6, 4, 9}, {2, 6, 4, 9}}, tol,
+                              [](auto& c, const auto& in) {
+                                  const auto saved = ops::group_norm_forward(c, in[0], 3, nullptr, nullptr).second;
+                                  const auto g = ops::group_norm_backward(c, saved, in[1], {.input = false, .params = true});
+                                  return ops::concat(c, std::vector{g.gamma, g.beta}, 0);
+                              },
+                              137);
     compare_with_reference<T>(ctx, "geglu" + t, {{3, 70, 2 * 48}}, tol, [](auto& c, const auto& in) { return ops::geglu(c, in[0]); }, 151);
     compare_with_reference<T>(ctx, "geglu forward and backward" + t, {{3, 70, 2 * 37}, {3, 70, 37}}, tol,
                               [](auto& c, const auto& in) {
@@ -236,6 +257,26 @@ TEST_CASE("onednn: f64 runs the reference code exactly", "[onednn]") {
     const auto want = ops::conv2d(ref, upload<cpu_backend, double>(ref, {2, 6, 5, 5}, xs), upload<cpu_backend, double>(ref, {4, 6, 3, 3}, ws),
                                   nullptr, {.padding = 1});
     check_close("f64 conv2d", download(mine, y), download(ref, want), 0, 0);
+}
+
+TEST_CASE("onednn: the group-norm backward keeps f32 precision for inputs far from zero", "[onednn]") {
+    // Values of 300 plus noise: sum(dy * x) - mean * sum(dy) would cancel most
+    // of the float's digits; the kernel sums dy * (x - mean) instead.
+    onednn_backend::context mine{.threads = 2};
+    cpu_backend::context ref{};
+    const shape xs{2, 8, 16, 16};
+    auto x = normal(xs, 17);
+    for (auto& v : x) v = static_cast<float>(300.0 + 0.5 * v);
+    const auto dy = normal(xs, 18), gamma = normal({8}, 19);
+    auto run = [&]<class B, class T>(typename B::context& c) {
+        const auto g = upload<B, T>(c, {8}, gamma);
+        const auto saved = ops::group_norm_forward(c, upload<B, T>(c, xs, x), 4, &g, nullptr).second;
+        const auto grads = ops::group_norm_backward(c, saved, upload<B, T>(c, xs, dy));
+        return ops::concat(c, std::vector{grads.input.reshape({-1}), grads.gamma, grads.beta}, 0);
+    };
+    const auto got = download(mine, run.template operator()<onednn_backend, float>(mine));
+    const auto want = download(ref, run.template operator()<cpu_backend, double>(ref));
+    check_close("group_norm backward at mean 300", got, want, 2e-3, 2e-3);
 }
 
 TEST_CASE("onednn: a fully masked softmax row is zeros in bf16 too", "[onednn]") {

@@ -6,12 +6,14 @@
 // formats oneDNN picks (blocked activations and weights, reordered in and out
 // per call), layer norm, eltwise activations, GEGLU, softmax, broadcasting
 // binary ops, reductions, strided copies (reorders), nearest resampling, and a
-// blocked attention (the has_fused_attention capability) built on them. f32
-// and bf16 (bf16 storage, f32 accumulation, avx512_bf16 kernels where the CPU
-// has them) compute natively. Everything else, and f64 and f16 entirely, runs
-// on the reference backend's code with the same thread count: group-norm
-// backward, binary and reduce backward, axpby, conversion and random numbers,
-// and any configuration for which oneDNN reports no implementation.
+// blocked attention (the has_fused_attention capability) built on them, plus
+// group norm forward and backward in kernels of our own (oneDNN 2.x has no
+// group-norm primitive). f32 and bf16 (bf16 storage, f32 accumulation,
+// avx512_bf16 kernels where the CPU has them) compute natively. Everything
+// else, and f64 and f16 entirely, runs on the reference backend's code with
+// the same thread count: binary and reduce backward, axpby, conversion and
+// random numbers, and any configuration for which oneDNN reports no
+// implementation.
 //
 //     #include <dynamicid/backends/onednn.hpp>
 //     dynamicid::onednn_backend::context ctx{.threads = 2};
@@ -283,8 +285,12 @@ struct onednn_backend {
     template <class T>
     static void group_norm_backward(context& ctx, const group_norm_desc& d, const T* x, const T* gamma, const accum_t<T>* mean,
                                     const accum_t<T>* rstd, const T* dy, T* dx, T* dgamma, T* dbeta) {
-        auto ref = ctx.reference();
-        cpu_backend::group_norm_backward(ref, d, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+        if constexpr (native<T>) {
+            onednn::detail::group_norm_backward<T>(ctx.thread_count(), d, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+        } else {
+            auto ref = ctx.reference();
+            cpu_backend::group_norm_backward(ref, d, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+        }
     }
 
     /// oneDNN's layer normalisation (it saves the variance; the backend
