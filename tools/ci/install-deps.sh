@@ -4,10 +4,12 @@
 # pays nothing. Needs root (or sudo) when something is missing.
 set -euo pipefail
 
+# ocl-icd-opencl-dev: oneDNN's CMake package config looks for OpenCL, which
+# libdnnl-dev only recommends (and --no-install-recommends skips).
 packages=(
   build-essential cmake g++ clang libclang-rt-14-dev
   libeigen3-dev libxtensor-dev xtl-dev librange-v3-dev nlohmann-json3-dev
-  catch2 libbenchmark-dev libstb-dev libdnnl-dev zlib1g-dev
+  catch2 libbenchmark-dev libstb-dev libdnnl-dev ocl-icd-opencl-dev zlib1g-dev
   libonnx-dev libonnx-testdata libprotobuf-dev protobuf-compiler
   libopenmpi-dev openmpi-bin
 )

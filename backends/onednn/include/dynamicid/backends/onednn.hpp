@@ -9,7 +9,8 @@
 // blocked attention (the has_fused_attention capability) built on them, plus
 // group norm forward and backward in kernels of our own (oneDNN 2.x has no
 // group-norm primitive). f32 and bf16 (bf16 storage, f32 accumulation,
-// avx512_bf16 kernels where the CPU has them) compute natively. Everything
+// avx512_bf16 kernels where the CPU has them) compute natively; bf16 needs
+// AVX-512 (native_bf16() says whether this CPU has it). Everything
 // else, and f64 and f16 entirely, runs on the reference backend's code with
 // the same thread count: binary and reduce backward, axpby, conversion and
 // random numbers, and any configuration for which oneDNN reports no
@@ -495,6 +496,16 @@ struct onednn_backend {
             return;
         }
         attention_blocks(ctx, p, 0, batch, attention_block(batch, lq, lk, index_t{1} << 20));
+    }
+
+    /// Whether oneDNN runs bf16 primitives on this CPU. oneDNN 2.x has bf16
+    /// kernels from AVX-512 (avx512_core) up; on other CPUs (AVX2 only, for
+    /// one) bf16 configurations have no implementation and run on the
+    /// reference backend's code instead (correct, much slower), and
+    /// context::runtime().unsupported() counts them.
+    static bool native_bf16() noexcept {
+        const auto isa = static_cast<unsigned>(dnnl_get_effective_cpu_isa());
+        return (isa & dnnl_cpu_isa_avx512_core) == dnnl_cpu_isa_avx512_core;
     }
 
     /// Heads and query rows per attention block for scores of about `budget`
