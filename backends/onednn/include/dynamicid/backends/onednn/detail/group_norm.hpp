@@ -20,33 +20,49 @@
 
 namespace dynamicid::onednn::detail {
 
-// Sum and sum of squared deviations from `shift` over n values, in double.
-template <class T>
-void moments(const T* x, index_t n, float shift, double& sum, double& sq) {
+// Two sums over n values, in double: of first(i) and of second(i), where
+// `pair(i, first, second)` writes the two float terms of element i. Blocks of
+// 1024 accumulate in float lanes (so the loop vectorises), then fold into
+// double.
+template <class Pair>
+void paired_sums(index_t n, Pair pair, double& sum_first, double& sum_second) {
     constexpr int lanes = 16;
-    sum = 0;
-    sq = 0;
+    sum_first = 0;
+    sum_second = 0;
     index_t i = 0;
-    // Blocks of 1024 accumulate in float lanes (vectorised), then fold into double.
     while (i < n) {
         const index_t end = std::min<index_t>(n, i + 1024);
         float s[lanes] = {}, q[lanes] = {};
         for (; i + lanes <= end; i += lanes)
             for (int l = 0; l < lanes; ++l) {
-                const float c = static_cast<float>(x[i + l]) - shift;
-                s[l] += c;
-                q[l] += c * c;
+                float a, b;
+                pair(i + l, a, b);
+                s[l] += a;
+                q[l] += b;
             }
         for (; i < end; ++i) {
-            const float c = static_cast<float>(x[i]) - shift;
-            s[0] += c;
-            q[0] += c * c;
+            float a, b;
+            pair(i, a, b);
+            s[0] += a;
+            q[0] += b;
         }
         for (int l = 0; l < lanes; ++l) {
-            sum += s[l];
-            sq += q[l];
+            sum_first += s[l];
+            sum_second += q[l];
         }
     }
+}
+
+// Sum and sum of squared deviations from `shift` over n values, in double.
+template <class T>
+void moments(const T* x, index_t n, float shift, double& sum, double& sq) {
+    paired_sums(
+        n,
+        [&](index_t i, float& a, float& b) {
+            a = static_cast<float>(x[i]) - shift;
+            b = a * a;
+        },
+        sum, sq);
 }
 
 template <class T>
@@ -80,34 +96,18 @@ void group_norm_forward(int threads, const group_norm_desc& d, const T* x, const
     });
 }
 
-// Sums of dy and of dy * (x - m) over n values, in double (float lanes per
-// block of 1024, as in `moments`). Centring on the saved mean avoids the
-// cancellation of sum(dy * x) - m * sum(dy) for inputs with a large mean.
+// Sums of dy and of dy * (x - m) over n values, in double. Centring on the
+// saved mean avoids the cancellation of sum(dy * x) - m * sum(dy) for inputs
+// with a large mean.
 template <class T>
 void gradient_moments(const T* x, const T* dy, index_t n, float m, double& sdy, double& sdyx) {
-    constexpr int lanes = 16;
-    sdy = 0;
-    sdyx = 0;
-    index_t i = 0;
-    while (i < n) {
-        const index_t end = std::min<index_t>(n, i + 1024);
-        float s[lanes] = {}, q[lanes] = {};
-        for (; i + lanes <= end; i += lanes)
-            for (int l = 0; l < lanes; ++l) {
-                const float g = static_cast<float>(dy[i + l]);
-                s[l] += g;
-                q[l] += g * (static_cast<float>(x[i + l]) - m);
-            }
-        for (; i < end; ++i) {
-            const float g = static_cast<float>(dy[i]);
-            s[0] += g;
-            q[0] += g * (static_cast<float>(x[i]) - m);
-        }
-        for (int l = 0; l < lanes; ++l) {
-            sdy += s[l];
-            sdyx += q[l];
-        }
-    }
+    paired_sums(
+        n,
+        [&](index_t i, float& a, float& b) {
+            a = static_cast<float>(dy[i]);
+            b = a * (static_cast<float>(x[i]) - m);
+        },
+        sdy, sdyx);
 }
 
 // dx, dgamma and dbeta may each be null; gamma null means a unit scale.
@@ -121,7 +121,6 @@ void group_norm_backward(int threads, const group_norm_desc& d, const T* x, cons
     std::vector<double> sums_dy(params ? static_cast<std::size_t>(d.n * d.c) : 0),
         sums_dyxhat(params ? static_cast<std::size_t>(d.n * d.c) : 0);
     cpu::detail::parallel_for(threads, segments, 1, [&](index_t s0, index_t s1) {
-        std::vector<double> sdy(static_cast<std::size_t>(cg)), sdyxhat(static_cast<std::size_t>(cg));
         for (index_t s = s0; s < s1; ++s) {
             const index_t group = s % d.groups, sample = s / d.groups;
             const float m = mean[s], r = rstd[s];
@@ -134,18 +133,15 @@ void group_norm_backward(int threads, const group_norm_desc& d, const T* x, cons
                 double a = 0, b = 0;
                 gradient_moments(xs + cl * d.spatial, dys + cl * d.spatial, d.spatial, m, a, b);
                 b *= r;
-                sdy[static_cast<std::size_t>(cl)] = a;
-                sdyxhat[static_cast<std::size_t>(cl)] = b;
+                if (params) {
+                    const auto at = static_cast<std::size_t>(sample * d.c + ch);
+                    sums_dy[at] = a;
+                    sums_dyxhat[at] = b;
+                }
                 const double g = gamma ? static_cast<double>(static_cast<float>(gamma[ch])) : 1.0;
                 mean_g += g * a;
                 mean_gxhat += g * b;
             }
-            if (params)
-                for (index_t cl = 0; cl < cg; ++cl) {
-                    const auto at = static_cast<std::size_t>(sample * d.c + group * cg + cl);
-                    sums_dy[at] = sdy[static_cast<std::size_t>(cl)];
-                    sums_dyxhat[at] = sdyxhat[static_cast<std::size_t>(cl)];
-                }
             if (!dx || len == 0) continue;
             mean_g /= static_cast<double>(len);
             mean_gxhat /= static_cast<double>(len);
