@@ -506,6 +506,9 @@ int main(int argc, char** argv) {
     g_peak = dynamicid::bench::measure_peak(isas.front(), threads(), 0.1, 3);
     std::printf("threads %d; measured f32 FMA peak (%s) %.1f GFLOP/s; oneDNN %d.%d.%d\n", threads(), isas.front().name, g_peak,
                 dnnl_version()->major, dnnl_version()->minor, dnnl_version()->patch);
+    const bool bf16 = dynamicid::onednn_backend::native_bf16();
+    if (!bf16) std::printf("this CPU has no AVX-512: oneDNN has no bf16 kernels here, so the bf16 rows time the reference fallback\n");
+    benchmark::AddCustomContext("onednn_native_bf16", bf16 ? "yes" : "no");
     benchmark::AddCustomContext("f32_fma_peak_GFLOP/s", std::to_string(g_peak));
     benchmark::AddCustomContext("threads", std::to_string(threads()));
 
