@@ -507,7 +507,8 @@ int main(int argc, char** argv) {
     std::printf("threads %d; measured f32 FMA peak (%s) %.1f GFLOP/s; oneDNN %d.%d.%d\n", threads(), isas.front().name, g_peak,
                 dnnl_version()->major, dnnl_version()->minor, dnnl_version()->patch);
     const bool bf16 = dynamicid::onednn_backend::native_bf16();
-    if (!bf16) std::printf("this CPU has no AVX-512: oneDNN has no bf16 kernels here, so the bf16 rows time the reference fallback\n");
+    if (!bf16)
+        std::printf("oneDNN has no bf16 kernels here (no AVX-512, or ONEDNN_MAX_CPU_ISA caps it): the bf16 rows time the reference fallback\n");
     benchmark::AddCustomContext("onednn_native_bf16", bf16 ? "yes" : "no");
     benchmark::AddCustomContext("f32_fma_peak_GFLOP/s", std::to_string(g_peak));
     benchmark::AddCustomContext("threads", std::to_string(threads()));
