@@ -77,7 +77,10 @@ modules::weight_source random_weight_source(context_t<B>& ctx, Bind&& bind, std:
         const bool vector = request.dims.size() == 1;
         const bool norm_scale = vector && request.key.ends_with(".weight");
         std::string proto = vector ? (norm_scale ? "ones" : "zeros") : "normal";
-        for (auto d : request.dims) proto += "_" + std::to_string(d);
+        for (auto d : request.dims) {
+            proto += '_';
+            proto += std::to_string(d);
+        }
         key_to_proto[request.key] = proto;
         if (!seen.insert(proto).second) continue;
         const shape s(request.dims);

@@ -374,3 +374,18 @@ TEST_CASE("pipeline: two threads generating on shared weights match sequential r
     CHECK(par_b.rgb == seq_b.rgb);
     CHECK(seq_a.rgb != seq_b.rgb);
 }
+
+TEST_CASE("step_runner calls the step directly on backends without step graphs", "[pipeline][graph]") {
+    STATIC_REQUIRE_FALSE(dynamicid::has_step_graph<cpu_backend>);
+    cpu_backend::context ctx;
+    dynamicid::step_runner<cpu_backend> runner;
+    int calls = 0;
+    for (int i = 0; i < 3; ++i) CHECK(runner.run(ctx, 0, [&] { return ++calls; }) == i + 1);
+    using tensor_f = dynamicid::tensor<cpu_backend, float>;
+    const auto x = tensor_f::full(ctx, {2}, 1.5f);
+    const auto twice = runner.run(ctx, 7, [&](const tensor_f& in) { return dynamicid::ops::scale(ctx, in, 2.0); }, x);
+    CHECK(twice.to_host(ctx) == std::vector<float>{3.f, 3.f});
+    runner.enabled = false;
+    CHECK(runner.run(ctx, 0, [&] { return ++calls; }) == 4);
+    CHECK_THROWS_AS(runner.run(ctx, 0, []() -> int { throw dynamicid::value_error("test", "from the step"); }), dynamicid::value_error);
+}

@@ -242,3 +242,15 @@ TEST_CASE("attention: forward_spatial equals token attention with group norm and
     // Residual and rescale: with to_out zeroed the output would be x / 2; check it is not the plain input.
     CHECK(max_abs_diff(spatial.to_host(ctx), x.to_host(ctx)) > 1e-3);
 }
+
+TEST_CASE("unet: forward_features of time_features is forward, and checks the features' shape", "[unet]") {
+    cpu_backend::context ctx{.threads = 2};
+    const auto u = load_unet(ctx, "unet_tiny_2level");
+    const auto plain = u.model.forward(ctx, u.sample, u.timesteps, u.text).to_host(ctx);
+    const auto features = u.model.time_features(ctx, u.timesteps);
+    CHECK(features.shape() == dynamicid::shape({u.sample.dim(0), u.model.settings().block_out_channels[0]}));
+    CHECK(u.model.forward_features(ctx, u.sample, features, u.text).to_host(ctx) == plain);
+    const auto one = u.model.time_features(ctx, std::vector<float>{10.f});
+    if (u.sample.dim(0) != 1) CHECK_THROWS_AS(u.model.forward_features(ctx, u.sample, one, u.text), dynamicid::shape_error);
+    CHECK_THROWS_AS(u.model.forward_features(ctx, u.sample, features.reshape({-1}), u.text), dynamicid::shape_error);
+}

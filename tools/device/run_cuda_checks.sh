@@ -13,6 +13,17 @@
 # Without .devbuild/ the script configures and builds in build-device/ (needs
 # those dependencies where it runs) and runs the tests through ctest -L gpu.
 #
+# The golden cases the tests read are about 70 MB. Where the tree that reaches
+# the GPU machine cannot hold them all, stage them in parts and run the test
+# program once per part (the programs and logs stay from the first run):
+#
+#   GOLDEN_AREAS="torch official vae clip schedulers" tools/device/run_cuda_checks.sh stage
+#   GOLDEN_AREAS="unet" tools/device/run_cuda_checks.sh golden   # only refresh .devdata/golden
+#   tools/device/run_cuda_checks.sh tests "[conform]"           # there: the test step alone, with Catch filters
+#
+# When tests/data/golden has no files (the tracked data left behind), the
+# staged .devdata/golden stands in for it.
+#
 # Steps, each with its own time limit and log, each run even when an earlier
 # one failed: device info, the CUDA test program (matrix, fused attention,
 # SAA gate, allocator, goldens), the PyTorch baseline
@@ -32,6 +43,18 @@ set -u
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"
 
+# golden: copies the golden areas named in GOLDEN_AREAS into .devdata/golden.
+stage_goldens() {
+    rm -rf .devdata && mkdir -p .devdata/golden
+    for area in ${GOLDEN_AREAS:-}; do cp -r "tests/data/golden/$area" .devdata/golden/; done
+    grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo '/.devdata/' >> .git/info/exclude
+    du -sh .devdata
+}
+if [ "${1:-}" = "golden" ]; then
+    stage_goldens
+    exit 0
+fi
+
 if [ "${1:-}" = "stage" ]; then
     set -e
     build="${BUILD_DIR:-build-cuda}"
@@ -48,8 +71,15 @@ if [ "${1:-}" = "stage" ]; then
     echo "$repo" > .devbuild/source_dir   # where the test data path was compiled in
     grep -qx '/.devbuild/' .git/info/exclude 2>/dev/null || echo '/.devbuild/' >> .git/info/exclude
     du -sh .devbuild
+    [ -n "${GOLDEN_AREAS:-}" ] && stage_goldens
     exit 0
 fi
+
+if [ -d .devdata/golden ] && [ -z "$(find tests/data/golden -type f -name '*.safetensors' 2>/dev/null | head -n 1)" ]; then
+    rm -rf tests/data/golden && mkdir -p tests/data && ln -s ../../.devdata/golden tests/data/golden
+fi
+mode="${1:-all}"
+[ "$mode" = "tests" ] && shift
 
 OUT="${OUT:-$repo/device-out}"
 mkdir -p "$OUT"
@@ -103,6 +133,10 @@ fi
 
 if [ "${tests[0]}" = "ctest" ]; then
     step tests 150 "${tests[@]}"
+elif [ "$mode" = "tests" ]; then
+    step tests 150 "${tests[@]}" --durations yes "$@"
+    echo "== done in $SECONDS s" | tee -a "$summary"
+    exit 0
 else
     step tests 150 "${tests[@]}" --durations yes
 fi

@@ -155,6 +155,52 @@ concept has_async_events = backend<B> && requires(context_t<B>& ctx) {
     B::wait_event(ctx, std::declval<const typename B::event&>());
 };
 
+/// Optional capability: recording the device work of a repeated call once
+/// and replaying it as one unit (CUDA graphs). B::step_graph is default
+/// constructible and its run(ctx, variant, fn, inputs...) returns
+/// fn(inputs...), replaying a recording when the input shapes and the variant
+/// match an earlier call (see cuda_backend::step_graph for the contract).
+/// step_runner below uses it where present and calls fn directly elsewhere.
+template <class B>
+concept has_step_graph = backend<B> && requires { typename B::step_graph; } && std::default_initializable<typename B::step_graph>;
+
+namespace detail {
+struct no_step_graph {};
+template <class B, bool = has_step_graph<B>>
+struct step_graph_of {
+    using type = no_step_graph;
+};
+template <class B>
+struct step_graph_of<B, true> {
+    using type = typename B::step_graph;
+};
+}  // namespace detail
+
+/// One step_graph for backends that have it, nothing for the rest.
+/// run(ctx, variant, fn, inputs...) replays fn through the graph, or calls
+/// fn(inputs...) directly (on other backends, or when not enabled).
+template <class B>
+class step_runner {
+public:
+    template <class F, class... Inputs>
+    decltype(auto) run(context_t<B>& ctx, std::uint64_t variant, F&& fn, const Inputs&... inputs) {
+        if constexpr (has_step_graph<B>) {
+            if (enabled) return graph_.run(ctx, variant, fn, inputs...);
+            return fn(inputs...);
+        } else {
+            (void)ctx;
+            (void)variant;
+            return fn(inputs...);
+        }
+    }
+    /// False calls fn directly every time (work a graph cannot hold, such as
+    /// callbacks that read device data on the host each call).
+    bool enabled = true;
+
+private:
+    [[no_unique_address]] typename detail::step_graph_of<B>::type graph_;
+};
+
 /// True when B computes natively in T (not only stores it).
 template <class B, class T>
 concept has_native_math = backend<B> && supports_element<B, T>;

@@ -368,6 +368,7 @@ public:
 
         // The SD pipeline's loop with the identity tokens appended and the processors installed.
         lc.on_activation = c.on_activation;
+        const index_t infer_end = lc.infer_end;  // the processors' host logic changes there (layout boost off)
         auto hooks = detail::make_hooks<B, T>(models_.adapters, models_.adapter_config, std::move(lc));
         typename sd_pipeline::controls sc;
         sc.latents = c.latents;
@@ -377,6 +378,8 @@ public:
         sc.cancel = c.cancel;
         sc.encoder_states = states;
         sc.hooks = &hooks;
+        sc.capture_steps = !c.on_activation;  // activation maps are read on the host inside the UNet
+        sc.graph_variant = [infer_end](std::size_t step) -> std::uint64_t { return static_cast<index_t>(step) < infer_end ? 1 : 0; };
         return sd_.generate(ctx, sd_opts, sc);
     }
 
@@ -404,6 +407,7 @@ public:
         const bool guided = o.guidance_scale > 1.0;
         const tensor_type states = build_states(ctx, models, text, id_tokens, uncond_tokens, guided, lc.id_num);
         lc.on_activation = c.on_activation;
+        const index_t infer_end = lc.infer_end;  // the processors' host logic changes there (layout boost off)
         auto hooks = detail::make_hooks<B, T>(models.adapters, models.adapter_config, std::move(lc));
         detail::denoise_request<B, T> r;
         r.states = states;
@@ -414,6 +418,8 @@ public:
         r.eta = o.eta;
         r.seed = o.seed;
         r.hooks = &hooks;
+        r.capture_steps = !c.on_activation;  // activation maps are read on the host inside the UNet
+        r.graph_variant = [infer_end](std::size_t step) -> std::uint64_t { return static_cast<index_t>(step) < infer_end ? 1 : 0; };
         r.on_step = c.on_step;
         r.on_progress = c.on_progress;
         r.stop = c.stop;

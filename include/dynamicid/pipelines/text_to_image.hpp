@@ -27,6 +27,7 @@
 //     // out.rgb: 512 x 512 x 3 bytes per image; out.pixels the same in [0, 1]
 #pragma once
 
+#include <dynamicid/core/backend.hpp>
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
 #include <dynamicid/io/checkpoint.hpp>
@@ -92,6 +93,17 @@ struct text_to_image_controls {
     /// Attention processors for every UNet evaluation; hooks->step is set to
     /// the step index before each one. Owned by the caller, one per call.
     modules::unet::attention_hooks<B, T>* hooks = nullptr;
+    /// On backends with has_step_graph (CUDA), the second UNet evaluation is
+    /// recorded into a graph and the later ones replay it, the latents and
+    /// timestep features being its inputs, so the host launches one graph per
+    /// step. With hooks, the processors' host code runs only when a recording
+    /// is made, so steps are replayed only when graph_variant is given: steps
+    /// with the same value share a recording (a processor whose behaviour
+    /// changes at some step returns a new value from there). Turn
+    /// capture_steps off for hooks whose callbacks read device data on the
+    /// host every step.
+    bool capture_steps = true;
+    std::function<std::uint64_t(std::size_t step)> graph_variant{};
 };
 
 /// The images of one call: `count` images of height x width RGB, row-major HWC.
@@ -228,6 +240,8 @@ public:
         const auto timesteps = std::span<const typename Sampler::timestep_type>(s.timesteps());
         const std::size_t total = timesteps.size();
         const auto per_step = static_cast<std::uint64_t>(latent.numel());
+        step_runner<B> runner;
+        runner.enabled = c.capture_steps && (!c.hooks || c.graph_variant);
         for (std::size_t i = 0; i < total; ++i) {
             const auto t = timesteps[i];
             check_cancel(c);
@@ -235,7 +249,11 @@ public:
             const tensor_type model_in = guided ? ops::concat(ctx, std::vector<tensor_type>{in, in}, 0) : in;
             const std::vector<float> ts(static_cast<std::size_t>(model_in.dim(0)), static_cast<float>(t));
             if (c.hooks) c.hooks->step = static_cast<std::int64_t>(i);
-            tensor_type eps = models_.unet.forward(ctx, model_in, std::span<const float>(ts), text, c.hooks);
+            const tensor_type features = models_.unet.time_features(ctx, ts);
+            tensor_type eps = runner.run(
+                ctx, c.graph_variant ? c.graph_variant(i) : 0,
+                [&](const tensor_type& sample, const tensor_type& f) { return models_.unet.forward_features(ctx, sample, f, text, c.hooks); },
+                model_in, features);
             if (guided) {
                 const tensor_type uncond = eps.narrow_leading(0, n);
                 const tensor_type cond = eps.narrow_leading(n, n);

@@ -303,10 +303,27 @@ public:
     /// multiples of 2^(levels - 1).
     tensor_type forward(context_t<B>& ctx, const tensor_type& sample, std::span<const float> timesteps, const tensor_type& text,
                         const hooks_type* hooks = nullptr) const {
-        const auto& c = config_;
         check_inputs(sample, timesteps, text);
+        return forward_features(ctx, sample, time_features(ctx, timesteps), text, hooks);
+    }
 
-        const auto features = timestep_features<B, T>(ctx, timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
+    /// The sinusoidal features of the timesteps, (count, block_out_channels[0]),
+    /// computed on the host and uploaded: forward() = forward_features(time_features()).
+    tensor_type time_features(context_t<B>& ctx, std::span<const float> timesteps) const {
+        const auto& c = config_;
+        return timestep_features<B, T>(ctx, timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
+    }
+
+    /// forward() with the timesteps given as time_features(): all of its
+    /// inputs are device tensors, so a recorded evaluation (step_graph) can be
+    /// replayed with new timesteps.
+    tensor_type forward_features(context_t<B>& ctx, const tensor_type& sample, const tensor_type& features, const tensor_type& text,
+                                 const hooks_type* hooks = nullptr) const {
+        const auto& c = config_;
+        check<shape_error>(sample.rank() == 4, "unet", "sample ", sample.shape().str(), " is not (B, ", c.in_channels, ", h, w)");
+        check<shape_error>(features.rank() == 2 && features.dim(0) == sample.dim(0) && features.dim(1) == c.block_out_channels[0], "unet",
+                           "time features ", features.shape().str(), " are not (", sample.dim(0), ", ", c.block_out_channels[0], ")");
+        check_inputs(sample, std::vector<float>(static_cast<std::size_t>(sample.dim(0))), text);
         const auto temb = time_embedding_.forward(ctx, features);
 
         auto h = conv_in_(ctx, sample);

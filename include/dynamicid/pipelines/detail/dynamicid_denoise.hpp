@@ -9,6 +9,7 @@
 // in one evaluation). The pipeline test checks both loops agree exactly.
 #pragma once
 
+#include <dynamicid/core/backend.hpp>
 #include <dynamicid/core/error.hpp>
 #include <dynamicid/core/tensor.hpp>
 #include <dynamicid/modules/unet/unet_2d_condition.hpp>
@@ -40,6 +41,10 @@ struct denoise_request {
     std::function<void(std::size_t, std::size_t)> on_progress{};
     std::stop_token stop{};
     const std::atomic<bool>* cancel = nullptr;
+    /// UNet evaluations through step_runner: recorded once per graph_variant
+    /// value and replayed (see text_to_image_controls::capture_steps).
+    bool capture_steps = true;
+    std::function<std::uint64_t(std::size_t step)> graph_variant{};
 };
 
 template <class B, class T>
@@ -68,6 +73,8 @@ tensor<B, T> denoise_states(context_t<B>& ctx, const modules::unet::unet_2d_cond
     const auto timesteps = std::span<const typename Sampler::timestep_type>(s.timesteps());
     const std::size_t total = timesteps.size();
     const auto per_step = static_cast<std::uint64_t>(r.latents.numel());
+    step_runner<B> runner;
+    runner.enabled = r.capture_steps && (!r.hooks || r.graph_variant);
     for (std::size_t i = 0; i < total; ++i) {
         const auto t = timesteps[i];
         check_cancel(r);
@@ -75,7 +82,11 @@ tensor<B, T> denoise_states(context_t<B>& ctx, const modules::unet::unet_2d_cond
         const tensor<B, T> model_in = guided ? ops::concat(ctx, std::vector<tensor<B, T>>{in, in}, 0) : in;
         const std::vector<float> ts(static_cast<std::size_t>(model_in.dim(0)), static_cast<float>(t));
         if (r.hooks) r.hooks->step = static_cast<std::int64_t>(i);
-        tensor<B, T> eps = unet.forward(ctx, model_in, std::span<const float>(ts), r.states, r.hooks);
+        const tensor<B, T> features = unet.time_features(ctx, ts);
+        tensor<B, T> eps = runner.run(
+            ctx, r.graph_variant ? r.graph_variant(i) : 0,
+            [&](const tensor<B, T>& sample, const tensor<B, T>& f) { return unet.forward_features(ctx, sample, f, r.states, r.hooks); },
+            model_in, features);
         if (guided) {
             const tensor<B, T> uncond = eps.narrow_leading(0, n);
             const tensor<B, T> cond = eps.narrow_leading(n, n);

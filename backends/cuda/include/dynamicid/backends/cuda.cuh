@@ -41,12 +41,17 @@
 #include <dynamicid/backends/cuda/detail/saa.cuh>
 #include <dynamicid/core/backend.hpp>
 #include <dynamicid/core/error.hpp>
+#include <dynamicid/core/tensor.hpp>
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace dynamicid {
 
@@ -71,6 +76,213 @@ struct cuda_backend {
         cudaStream_t queue() { return state().stream(); }
     };
 
+    /// Records the device work of a call that repeats with the same shapes
+    /// (one UNet evaluation of a denoising loop) into a CUDA graph once and
+    /// replays it, so that the host pays one launch per call instead of one
+    /// per kernel and library call (has_step_graph).
+    ///
+    ///     dynamicid::cuda_backend::step_graph graph;
+    ///     for (float t : timesteps) {
+    ///         const auto features = unet.time_features(ctx, std::vector<float>{t, t});
+    ///         auto eps = graph.run(ctx, 0, [&](const auto& x, const auto& f) { return unet.forward_features(ctx, x, f, text); },
+    ///                              latents, features);
+    ///         latents = scheduler.step(ctx, eps, t, latents);
+    ///     }
+    ///
+    /// run(ctx, variant, fn, inputs...) returns fn(inputs...). The first
+    /// `eager_calls` calls run fn normally (the context builds its plans,
+    /// library handles and cached blocks). The next call copies the inputs
+    /// into buffers of the graph, records fn's work on them into a graph, with
+    /// memory from an allocator of the graph's own that nothing else draws
+    /// from, and launches it. Later calls with the same input shapes and the
+    /// same `variant` copy the new inputs into those buffers and launch the
+    /// graph again: fn's host code does not run. The result is a copy of
+    /// the graph's output, so it stays valid after later calls.
+    ///
+    /// So everything that changes from call to call must come in as an input
+    /// tensor; whatever else fn reads (weights, tensors it captured) must stay
+    /// alive and in place while the graph is used, and host values fn uses
+    /// (including what it uploads) are those of the recording. When fn's host
+    /// logic depends on something else, give each case its own `variant`: a
+    /// new variant or new input shapes wait for the device and record again.
+    /// Work that must reach the host (a copy to the host, synchronize) cannot
+    /// be recorded: when fn asks for it, or the runtime refuses the capture,
+    /// fn runs normally for this and all later calls (stats().fallback says
+    /// why). An exception of fn ends the recording and propagates; the
+    /// context stays usable. Not thread-safe; one per loop, on one context.
+    class step_graph {
+    public:
+        explicit step_graph(int eager_calls = 1) : eager_calls_(std::max(0, eager_calls)) {}
+        step_graph(const step_graph&) = delete;
+        step_graph& operator=(const step_graph&) = delete;
+        ~step_graph() { reset(); }
+
+        struct statistics {
+            std::size_t eager = 0;     ///< calls run without a graph
+            std::size_t recorded = 0;  ///< graphs recorded (first graph call, new shapes or variant)
+            std::size_t replayed = 0;  ///< calls that launched a recorded graph again
+            std::string fallback;      ///< why graphs were given up, if they were
+        };
+        const statistics& stats() const noexcept { return stats_; }
+        /// Device bytes the recorded graph holds (its own allocator's blocks).
+        std::size_t held_bytes() const { return pool_ ? pool_->allocated_bytes() : 0; }
+
+        template <class F, class... Ts>
+        auto run(context& ctx, std::uint64_t variant, F&& fn, const tensor<cuda_backend, Ts>&... inputs)
+            -> std::invoke_result_t<F&, const tensor<cuda_backend, Ts>&...> {
+            using result_t = std::invoke_result_t<F&, const tensor<cuda_backend, Ts>&...>;
+            static_assert(is_cuda_tensor<result_t>::value, "step_graph::run: fn must return a tensor of the CUDA backend");
+            auto& state = ctx.state();
+            if (!stats_.fallback.empty() || calls_++ < eager_calls_ || state.capturing()) {
+                ++stats_.eager;
+                return fn(inputs...);
+            }
+            std::vector<index_t> signature{static_cast<index_t>(sizeof...(Ts))};
+            (append_signature(signature, inputs), ...);
+            if (exec_ && (signature != signature_ || variant != variant_)) {
+                cuda::detail::check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (step_graph)");
+                reset();
+            }
+            if (exec_) {
+                std::size_t i = 0;
+                (copy_into(ctx, inputs, i++), ...);
+                cuda::detail::check_cuda(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
+                ++stats_.replayed;
+                return copy_out<result_t>(ctx);
+            }
+            return record<result_t>(ctx, variant, std::move(signature), fn, inputs...);
+        }
+
+    private:
+        template <class X>
+        struct is_cuda_tensor : std::false_type {};
+        template <class U>
+        struct is_cuda_tensor<tensor<cuda_backend, U>> : std::true_type {};
+
+        template <class U>
+        static void append_signature(std::vector<index_t>& sig, const tensor<cuda_backend, U>& t) {
+            sig.push_back(static_cast<index_t>(sizeof(U)) * 16 + (std::is_same_v<U, bfloat16> ? 1 : 0));
+            sig.push_back(t.rank());
+            for (index_t d = 0; d < t.rank(); ++d) sig.push_back(t.dim(d));
+        }
+
+        template <class U>
+        void copy_into(context& ctx, const tensor<cuda_backend, U>& t, std::size_t i) {
+            const auto& held = *std::static_pointer_cast<const tensor<cuda_backend, U>>(inputs_[i]);
+            copy<U>(ctx, t.data(), held.data(), static_cast<std::size_t>(t.numel()));
+        }
+
+        template <class R>
+        R copy_out(context& ctx) {
+            const auto& held = *std::static_pointer_cast<const R>(output_);
+            R out = R::empty(ctx, held.shape());
+            copy(ctx, held.data(), out.data(), static_cast<std::size_t>(held.numel()));
+            return out;
+        }
+
+        template <class R, class F, class... Ts>
+        R record(context& ctx, std::uint64_t variant, std::vector<index_t> signature, F& fn, const tensor<cuda_backend, Ts>&... inputs) {
+            auto& state = ctx.state();
+            stream_ = state.stream();
+            pool_ = std::make_shared<cuda::detail::device_pool>();
+            uploads_ = std::make_unique<cuda::detail::upload_stage>();
+            state.begin_capture(pool_, uploads_.get());
+            std::optional<R> result;
+            bool capturing = false;
+            try {
+                // The graph's own copies of the inputs, filled before the recording.
+                (inputs_.push_back(std::make_shared<const tensor<cuda_backend, Ts>>(held_copy(ctx, inputs))), ...);
+                cuda::detail::check_cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+                capturing = true;
+                result.emplace(record_call(fn, std::index_sequence_for<Ts...>{}, static_cast<const tensor<cuda_backend, Ts>*>(nullptr)...));
+            } catch (const cuda_capture_refused& e) {
+                abandon(state, capturing);
+                stats_.fallback = e.what();
+                ++stats_.eager;
+                return fn(inputs...);
+            } catch (...) {
+                abandon(state, capturing);
+                throw;
+            }
+            state.end_capture();
+            cudaGraph_t graph = nullptr;
+            const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+            if (ended != cudaSuccess || !graph) {
+                (void)cudaGetLastError();
+                if (graph) (void)cudaGraphDestroy(graph);
+                result.reset();
+                reset();
+                stats_.fallback = std::string("the runtime refused the capture: ") + cudaGetErrorName(ended) + " (" + cudaGetErrorString(ended) + ")";
+                ++stats_.eager;
+                return fn(inputs...);
+            }
+            const std::unique_ptr<CUgraph_st, cudaError_t (*)(cudaGraph_t)> owned(graph, cudaGraphDestroy);
+            output_ = std::make_shared<const R>(std::move(*result));
+            try {
+                cuda::detail::check_cuda(cudaGraphInstantiate(&exec_, graph, 0), "cudaGraphInstantiate");
+                cuda::detail::check_cuda(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch");
+            } catch (...) {
+                reset();
+                throw;
+            }
+            signature_ = std::move(signature);
+            variant_ = variant;
+            ++stats_.recorded;
+            return copy_out<R>(ctx);
+        }
+
+        template <class U>
+        static tensor<cuda_backend, U> held_copy(context& ctx, const tensor<cuda_backend, U>& t) {
+            auto out = tensor<cuda_backend, U>::empty(ctx, t.shape());
+            copy<U>(ctx, t.data(), out.data(), static_cast<std::size_t>(t.numel()));
+            return out;
+        }
+
+        template <class F, std::size_t... I, class... Ts>
+        auto record_call(F& fn, std::index_sequence<I...>, const Ts*...) {
+            return fn(*std::static_pointer_cast<const Ts>(inputs_[I])...);
+        }
+
+        /// Ends a recording that failed; the context stays usable.
+        void abandon(cuda::detail::context_state& state, bool capturing) noexcept {
+            state.end_capture();
+            if (capturing) {
+                cudaGraph_t graph = nullptr;
+                (void)cudaStreamEndCapture(stream_, &graph);
+                if (graph) (void)cudaGraphDestroy(graph);
+            }
+            (void)cudaGetLastError();
+            reset();
+        }
+
+        /// Drops the recorded graph and everything it holds (the caller made
+        /// sure no launch of it is still running, or none was made).
+        void reset() noexcept {
+            if (exec_) {
+                (void)cudaStreamSynchronize(stream_);
+                (void)cudaGraphExecDestroy(exec_);
+                exec_ = nullptr;
+            }
+            output_.reset();
+            inputs_.clear();
+            pool_.reset();
+            uploads_.reset();
+            signature_.clear();
+        }
+
+        int eager_calls_;
+        int calls_ = 0;
+        cudaStream_t stream_ = nullptr;
+        cudaGraphExec_t exec_ = nullptr;
+        std::shared_ptr<cuda::detail::device_pool> pool_;
+        std::unique_ptr<cuda::detail::upload_stage> uploads_;
+        std::vector<std::shared_ptr<const void>> inputs_;  // tensor<cuda_backend, T> each
+        std::shared_ptr<const void> output_;               // the result type's tensor
+        std::vector<index_t> signature_;
+        std::uint64_t variant_ = 0;
+        statistics stats_;
+    };
+
     template <class T> using pointer = T*;
     template <class T> using const_pointer = const T*;
     template <class T> using buffer = cuda::detail::device_buffer<T>;
@@ -82,6 +294,13 @@ struct cuda_backend {
 
     static constexpr const char* name() { return "cuda"; }
 
+    /// Throws when the context is being captured into a step_graph: work that
+    /// returns data to the host cannot be part of a graph.
+    static void refuse_while_capturing(const context& ctx, const char* what) {
+        if (ctx.state_ && ctx.state_->capturing())
+            throw cuda_capture_refused("cuda", std::string(what) + " inside step_graph::run: a graph holds device work only");
+    }
+
     // ---- memory -------------------------------------------------------------
 
     template <class T>
@@ -90,12 +309,18 @@ struct cuda_backend {
 
     template <class T>
     static void copy_to_host(context& ctx, const T* src, T* host, std::size_t n) {
-        if (n) cuda::detail::check_cuda(cudaMemcpyAsync(host, src, n * sizeof(T), cudaMemcpyDeviceToHost, ctx.queue()), "cudaMemcpyAsync (to host)");
+        if (!n) return;
+        refuse_while_capturing(ctx, "copying to the host");
+        cuda::detail::check_cuda(cudaMemcpyAsync(host, src, n * sizeof(T), cudaMemcpyDeviceToHost, ctx.queue()), "cudaMemcpyAsync (to host)");
     }
-    /// Returns once `host` may be reused (the runtime stages pageable memory).
+    /// Returns once `host` may be reused (the runtime stages pageable memory;
+    /// inside a step_graph capture the bytes are staged in pinned memory).
     template <class T>
     static void copy_from_host(context& ctx, const T* host, T* dst, std::size_t n) {
-        if (n) cuda::detail::check_cuda(cudaMemcpyAsync(dst, host, n * sizeof(T), cudaMemcpyHostToDevice, ctx.queue()), "cudaMemcpyAsync (from host)");
+        if (!n) return;
+        auto& state = ctx.state();
+        const void* src = state.capturing() ? state.uploads().stage(host, n * sizeof(T)) : static_cast<const void*>(host);
+        cuda::detail::check_cuda(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, state.stream()), "cudaMemcpyAsync (from host)");
     }
     template <class T>
     static void copy(context& ctx, const T* src, T* dst, std::size_t n) {
@@ -120,6 +345,7 @@ struct cuda_backend {
 
     /// Waits for everything queued on the context and reports asynchronous errors.
     static void synchronize(context& ctx) {
+        refuse_while_capturing(ctx, "waiting for the device");
         if (ctx.state_) cuda::detail::check_cuda(cudaStreamSynchronize(ctx.state_->stream()), "cudaStreamSynchronize");
     }
 
@@ -627,5 +853,6 @@ static_assert(has_saa_gate<cuda_backend, float> && has_saa_gate<cuda_backend, ha
 static_assert(has_fused_attention<cuda_backend, float> && has_fused_attention<cuda_backend, half> &&
               has_fused_attention<cuda_backend, bfloat16>);
 static_assert(has_async_events<cuda_backend>);
+static_assert(has_step_graph<cuda_backend>);
 
 }  // namespace dynamicid

@@ -17,7 +17,7 @@
 #include <dynamicid/backends/cuda/detail/common.cuh>
 #include <dynamicid/backends/cuda/detail/pointwise.cuh>
 
-
+#include <atomic>
 #include <cstdint>
 
 namespace dynamicid::cuda::detail {
@@ -342,8 +342,16 @@ template <class T, int D>
 void launch_flash(cudaStream_t stream, index_t batch, index_t lq, index_t lk, double scale, const T* q, const T* k, const T* v, T* out) {
     using G = flash_geometry<D>;
     auto kernel = flash_attention_kernel<T, D>;
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(G::shared_bytes)),
-               "cudaFuncSetAttribute(flash_attention_kernel)");
+    // The shared-memory opt-in is set once per device, not per launch.
+    static std::atomic<std::uint64_t> opted_in{0};
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    const std::uint64_t bit = device < 64 ? std::uint64_t{1} << device : 0;
+    if (!bit || !(opted_in.load(std::memory_order_acquire) & bit)) {
+        check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(G::shared_bytes)),
+                   "cudaFuncSetAttribute(flash_attention_kernel)");
+        opted_in.fetch_or(bit, std::memory_order_release);
+    }
     const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
     const bool vectorised = D % 8 == 0 && aligned(q) && aligned(k) && aligned(v);
     const auto scale_log2 = static_cast<float>(scale * 1.4426950408889634074);

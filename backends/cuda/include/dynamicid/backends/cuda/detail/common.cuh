@@ -30,6 +30,14 @@ public:
     using cuda_error::cuda_error;
 };
 
+/// Work that must reach the host (a copy to the host, a wait) was asked for
+/// while a step_graph was recording; step_graph::run catches it and runs the
+/// call without a graph.
+class cuda_capture_refused : public value_error {
+public:
+    using value_error::value_error;
+};
+
 }  // namespace dynamicid
 
 namespace dynamicid::cuda::detail {

@@ -8,11 +8,14 @@
 #include <cublas_v2.h>
 #include <cudnn.h>
 
+#include <algorithm>
 #include <array>
+#include <cstddef>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace dynamicid::cuda::detail {
 
@@ -66,6 +69,43 @@ struct conv_plan {
     }
 };
 
+/// Pinned host blocks that hold the bytes of host-to-device copies recorded
+/// in a CUDA graph. A recorded copy reads its source each time the graph runs,
+/// and the runtime cannot record copies from pageable memory at all, so the
+/// bytes are copied here at capture and kept for the graph's lifetime.
+class upload_stage {
+public:
+    upload_stage() = default;
+    upload_stage(const upload_stage&) = delete;
+    upload_stage& operator=(const upload_stage&) = delete;
+    ~upload_stage() {
+        for (auto& b : blocks_) (void)cudaFreeHost(b.data);
+    }
+
+    /// A pinned copy of `bytes` bytes of `host`.
+    const void* stage(const void* host, std::size_t bytes) {
+        const std::size_t need = (bytes + 255) / 256 * 256;
+        if (blocks_.empty() || blocks_.back().capacity - blocks_.back().used < need) {
+            block fresh;
+            fresh.capacity = std::max<std::size_t>(std::size_t{1} << 16, need);
+            check_cuda(cudaHostAlloc(&fresh.data, fresh.capacity, cudaHostAllocDefault), "cudaHostAlloc (graph upload stage)");
+            blocks_.push_back(fresh);
+        }
+        auto& b = blocks_.back();
+        void* out = static_cast<std::byte*>(b.data) + b.used;
+        std::memcpy(out, host, bytes);
+        b.used += need;
+        return out;
+    }
+
+private:
+    struct block {
+        void* data = nullptr;
+        std::size_t capacity = 0, used = 0;
+    };
+    std::vector<block> blocks_;
+};
+
 /// Everything a context owns. Library handles are created on first use, so a
 /// context that only moves memory never loads cuBLAS or cuDNN.
 class context_state {
@@ -92,6 +132,7 @@ public:
         conv_plans_.clear();
         if (cudnn_) cudnnDestroy(cudnn_);
         if (cublas_) cublasDestroy(cublas_);
+        cublas_workspace_ = {};
         if (owns_stream_) (void)cudaStreamDestroy(stream_);
         pool_->release_cached();
     }
@@ -102,13 +143,18 @@ public:
     int max_shared_optin() const noexcept { return max_shared_optin_; }
     /// Compute capability major version (8: Ampere, 9: Hopper).
     int compute_major() const noexcept { return cc_major_; }
-    const std::shared_ptr<device_pool>& pool() const noexcept { return pool_; }
+    /// The allocator work draws from: the context's, or a graph's own while it is being captured.
+    const std::shared_ptr<device_pool>& pool() const noexcept { return capture_pool_ ? capture_pool_ : pool_; }
 
     cublasHandle_t cublas() {
         if (!cublas_) {
             check_cublas(cublasCreate(&cublas_), "cublasCreate");
             check_cublas(cublasSetStream(cublas_, stream_), "cublasSetStream");
             check_cublas(cublasSetPointerMode(cublas_, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+            // A workspace of our own, so that cuBLAS allocates nothing while a
+            // graph is being captured (32 MiB is what Hopper's kernels ask for).
+            cublas_workspace_ = device_buffer<std::byte>(pool_, cublas_workspace_bytes);  // never a graph's pool
+            check_cublas(cublasSetWorkspace(cublas_, cublas_workspace_.data(), cublas_workspace_bytes), "cublasSetWorkspace");
         }
         return cublas_;
     }
@@ -132,6 +178,25 @@ public:
         return slot.get();
     }
 
+    // ---- graph capture (cuda_backend::step_graph) ------------------------------
+
+    /// True while the context's stream is being captured into a graph.
+    bool capturing() const noexcept { return capture_uploads_ != nullptr; }
+    /// While capturing, allocations come from `pool` (the graph's, so that
+    /// nothing outside the graph reuses its memory between launches) and host
+    /// uploads are staged in `uploads`.
+    void begin_capture(std::shared_ptr<device_pool> pool, upload_stage* uploads) noexcept {
+        capture_pool_ = std::move(pool);
+        capture_uploads_ = uploads;
+    }
+    void end_capture() noexcept {
+        capture_pool_.reset();
+        capture_uploads_ = nullptr;
+    }
+    upload_stage& uploads() noexcept { return *capture_uploads_; }
+
+    static constexpr std::size_t cublas_workspace_bytes = std::size_t{32} << 20;
+
 private:
     cudaStream_t stream_ = nullptr;
     bool owns_stream_ = false;
@@ -140,6 +205,9 @@ private:
     cublasHandle_t cublas_ = nullptr;
     cudnnHandle_t cudnn_ = nullptr;
     std::map<conv_key, std::unique_ptr<conv_plan>> conv_plans_;
+    device_buffer<std::byte> cublas_workspace_;
+    std::shared_ptr<device_pool> capture_pool_;
+    upload_stage* capture_uploads_ = nullptr;
 };
 
 }  // namespace dynamicid::cuda::detail
