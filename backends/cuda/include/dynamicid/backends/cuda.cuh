@@ -49,6 +49,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -174,10 +175,7 @@ struct cuda_backend {
 
         template <class R>
         R copy_out(context& ctx) {
-            const auto& held = *std::static_pointer_cast<const R>(output_);
-            R out = R::empty(ctx, held.shape());
-            copy(ctx, held.data(), out.data(), static_cast<std::size_t>(held.numel()));
-            return out;
+            return fresh_copy(ctx, *std::static_pointer_cast<const R>(output_));
         }
 
         template <class R, class F, class... Ts>
@@ -190,11 +188,12 @@ struct cuda_backend {
             std::optional<R> result;
             bool capturing = false;
             try {
-                // The graph's own copies of the inputs, filled before the recording.
-                (inputs_.push_back(std::make_shared<const tensor<cuda_backend, Ts>>(held_copy(ctx, inputs))), ...);
+                // The graph's own copies of the inputs (from its allocator), filled before the recording.
+                const auto held = std::make_tuple(fresh_copy(ctx, inputs)...);
+                std::apply([&](const auto&... h) { (inputs_.push_back(std::make_shared<const std::decay_t<decltype(h)>>(h)), ...); }, held);
                 cuda::detail::check_cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
                 capturing = true;
-                result.emplace(record_call(fn, std::index_sequence_for<Ts...>{}, static_cast<const tensor<cuda_backend, Ts>*>(nullptr)...));
+                result.emplace(std::apply(fn, held));
             } catch (const cuda_capture_refused& e) {
                 abandon(state, capturing);
                 stats_.fallback = e.what();
@@ -231,16 +230,12 @@ struct cuda_backend {
             return copy_out<R>(ctx);
         }
 
+        /// A new tensor (from the allocator in use) holding t's values.
         template <class U>
-        static tensor<cuda_backend, U> held_copy(context& ctx, const tensor<cuda_backend, U>& t) {
+        static tensor<cuda_backend, U> fresh_copy(context& ctx, const tensor<cuda_backend, U>& t) {
             auto out = tensor<cuda_backend, U>::empty(ctx, t.shape());
             copy<U>(ctx, t.data(), out.data(), static_cast<std::size_t>(t.numel()));
             return out;
-        }
-
-        template <class F, std::size_t... I, class... Ts>
-        auto record_call(F& fn, std::index_sequence<I...>, const Ts*...) {
-            return fn(*std::static_pointer_cast<const Ts>(inputs_[I])...);
         }
 
         /// Ends a recording that failed; the context stays usable.
